@@ -1,0 +1,3 @@
+"""lth: tracked lottery-ticket transfer studies."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,415 @@
+"""params.yaml -> frozen dataclasses, validated with errors that name the key path."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from lth.errors import UserError
+
+ARMS = ("scratch", "transfer", "target", "reinit", "trained", "related", "size")
+
+
+class ConfigError(UserError):
+    """A params file is wrong; the message names the file and the key path."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    """Raise a key-relative problem, turned into a path-qualified ConfigError by the parser."""
+    if not ok:
+        raise _FieldProblem(key, message)
+
+
+class _FieldProblem(Exception):
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+# ---------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class DatasetParams:
+    """How much of one dataset to prepare, and where a user's copy lives."""
+
+    train: int | None = None  # max training images (None: all the origin gives / paper size)
+    val: int | None = None  # max validation images
+    test: int | None = None  # max test images
+    path: str | None = None  # a user's copy (folder / WikiArt manifest), when the origin needs one
+
+    def __post_init__(self) -> None:
+        for name in ("train", "val", "test"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, name, "must be a positive number of images or null")
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Where the pipeline keeps its files (relative to the working directory)."""
+
+    data: str = "data"  # raw/ and prepared/ live here
+    models: str = "models"  # tickets/ lives here
+    results: str = "results"  # per-run metrics for DVC
+    reports: str = "reports"  # the HTML/Markdown report
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """`lth prepare`: image size, split seed and per-dataset subset sizes."""
+
+    image_size: int = 32  # side of the stored square images, px
+    seed: int = 0  # seed of subsets and splits
+    datasets: Mapping[str, DatasetParams] = field(default_factory=dict)  # datasets of this study
+
+    def __post_init__(self) -> None:
+        _check(8 <= self.image_size <= 1024, "image_size", "must be between 8 and 1024 px")
+        _check(len(self.datasets) > 0, "datasets", "must name at least one dataset")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture: the paper's resnet50, or a small CIFAR-style ResNet for the demo."""
+
+    arch: Literal["resnet50", "resnet"] = "resnet"
+    depth: int = 8  # CIFAR-style ResNet depth, 6n+2 (ignored by resnet50)
+    width: int = 16  # channels of the first stage of the CIFAR-style ResNet
+
+    def __post_init__(self) -> None:
+        _check(self.depth >= 8 and (self.depth - 2) % 6 == 0, "depth", "must be 6n+2 and >= 8 (8, 14, 20, 32, ...)")
+        _check(1 <= self.width <= 512, "width", "must be between 1 and 512")
+
+    @property
+    def name(self) -> str:
+        """Short architecture name used in paths and registry names."""
+        return "resnet50" if self.arch == "resnet50" else f"resnet{self.depth}w{self.width}"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """fit(): SGD with Nesterov momentum, random crop, early stopping on validation loss."""
+
+    batch_size: int = 64  # paper: 64
+    lr: float = 0.01  # not in the paper's text (lost); tuned by `lth tune`
+    momentum: float = 0.9  # paper: Nesterov momentum 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4  # lost from the paper; 1e-4 is the usual value
+    max_epochs: int = 30  # epoch cap (early stopping usually ends sooner)
+    min_epochs: int = 0  # never stop before this many epochs
+    patience: int = 5  # paper: stop when val loss has not decreased for 5 epochs
+    crop_size: int = 28  # random-crop side, px (lost from the paper); eval uses the centre crop
+    eval_batch_size: int = 512
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = False  # bf16 autocast on CUDA
+    channels_last: bool = False  # channels_last memory format on CUDA
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(0 < self.lr <= 10, "lr", "must be in (0, 10]")
+        _check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(self.max_epochs >= 1, "max_epochs", "must be >= 1")
+        _check(0 <= self.min_epochs <= self.max_epochs, "min_epochs", "must be in [0, max_epochs]")
+        _check(self.patience >= 1, "patience", "must be >= 1")
+        _check(self.crop_size >= 8, "crop_size", "must be >= 8 px")
+        _check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            "must be auto, cpu, cuda or cuda:N",
+        )
+        _check(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class ImpConfig:
+    """`lth imp`: iterative magnitude pruning with late resetting."""
+
+    sources: tuple[str, ...] = ("fashion-mnist",)  # datasets to find tickets on
+    seeds: tuple[int, ...] = (0,)  # paper: 4 seeds
+    rounds: int = 31  # paper: 31 rounds, round k keeps 0.8^k
+    pruning_rate: float = 0.2  # fraction of the remaining weights pruned per round
+    rewind_epoch: int = 2  # late resetting: surviving weights go back to epoch k of the dense run
+    keep_epochs: int = 0  # also keep dense checkpoints of epochs 0..keep_epochs (for `lth tune`)
+
+    def __post_init__(self) -> None:
+        _check(len(self.sources) > 0, "sources", "must name at least one dataset")
+        _check(len(self.seeds) > 0, "seeds", "must list at least one seed")
+        _check(1 <= self.rounds <= 60, "rounds", "must be between 1 and 60")
+        _check(0 < self.pruning_rate < 1, "pruning_rate", "must be in (0, 1)")
+        _check(self.rewind_epoch >= 0, "rewind_epoch", "must be >= 0")
+        _check(self.keep_epochs >= 0, "keep_epochs", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class RelatedPair:
+    """A related non-natural source whose tickets transfer to a target (paper 4.3.2)."""
+
+    source: str
+    target: str
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """`lth transfer`: the arms of the study, fine-tuned on each target."""
+
+    targets: tuple[str, ...] = ("digits",)
+    sources: tuple[str, ...] = ("fashion-mnist",)  # natural sources whose tickets transfer
+    arms: tuple[str, ...] = ARMS
+    seeds: tuple[int, ...] = (0,)
+    rounds: tuple[int, ...] | None = None  # ticket rounds to fine-tune (None: every round)
+    related: tuple[RelatedPair, ...] = ()
+    size_fractions: tuple[float, ...] = (0.5,)  # reduced training-set fractions for the `size` arm
+    lr: float | None = None  # fine-tuning learning rate (None: train.lr)
+    max_epochs: int | None = None  # fine-tuning epoch cap (None: train.max_epochs)
+
+    def __post_init__(self) -> None:
+        _check(len(self.targets) > 0, "targets", "must name at least one dataset")
+        unknown = [a for a in self.arms if a not in ARMS]
+        _check(not unknown, "arms", f"unknown arm {unknown[0] if unknown else ''!r}; choose from {', '.join(ARMS)}")
+        _check(len(self.seeds) > 0, "seeds", "must list at least one seed")
+        _check(self.rounds is None or all(r >= 0 for r in self.rounds), "rounds", "must be rounds >= 0")
+        _check(all(0 < f < 1 for f in self.size_fractions), "size_fractions", "must be fractions in (0, 1)")
+        _check(self.lr is None or 0 < self.lr <= 10, "lr", "must be in (0, 10] or null")
+        _check(self.max_epochs is None or self.max_epochs >= 1, "max_epochs", "must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """`lth tune`: Optuna search over the rewind epoch and the learning rate."""
+
+    source: str = "fashion-mnist"
+    target: str = "digits"
+    round: int = 3  # ticket round (sparsity 1 - 0.8^round) fine-tuned in each trial
+    n_trials: int = 8
+    rewind_epochs: tuple[int, int] = (0, 3)  # integer search range, inclusive
+    lr_range: tuple[float, float] = (1e-3, 1e-1)  # log-uniform search range
+    seed: int = 0
+    study_name: str = "tune"
+    storage: str | None = None  # Optuna RDB URL (None: sqlite file under results/)
+    max_epochs: int | None = None  # fine-tuning epoch cap per trial (None: train.max_epochs)
+
+    def __post_init__(self) -> None:
+        lo, hi = self.rewind_epochs
+        _check(0 <= lo <= hi, "rewind_epochs", "must be [low, high] with 0 <= low <= high")
+        lo_lr, hi_lr = self.lr_range
+        _check(0 < lo_lr < hi_lr <= 10, "lr_range", "must be [low, high] with 0 < low < high <= 10")
+        _check(self.n_trials >= 1, "n_trials", "must be >= 1")
+        _check(self.round >= 0, "round", "must be >= 0")
+        _check(self.max_epochs is None or self.max_epochs >= 1, "max_epochs", "must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow: where runs go and whether tickets are registered."""
+
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<abs>/mlflow.db
+    register: bool = True  # register every ticket as a model version
+    artifact_location: str | None = None  # e.g. s3://bucket/mlflow for new experiments
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """`lth report`: significance level of the Welch test."""
+
+    alpha: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check(0 < self.alpha < 1, "alpha", "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole study: one section per command."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    imp: ImpConfig = field(default_factory=ImpConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.imp.rewind_epoch <= self.train.max_epochs,
+            "imp.rewind_epoch",
+            f"({self.imp.rewind_epoch}) must not exceed train.max_epochs ({self.train.max_epochs})",
+        )
+        _check(
+            self.train.crop_size <= self.prepare.image_size,
+            "train.crop_size",
+            f"({self.train.crop_size}) must not exceed prepare.image_size ({self.prepare.image_size})",
+        )
+        _check(
+            self.tune.rewind_epochs[1] <= self.train.max_epochs,
+            "tune.rewind_epochs",
+            f"upper bound must not exceed train.max_epochs ({self.train.max_epochs})",
+        )
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        return "a list"
+    if origin in (Mapping, dict):
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return the frozen representation."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors: list[_FieldProblem] = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key)
+            except _FieldProblem as exc:
+                errors.append(exc)
+        raise _FieldProblem(key, f"must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise _FieldProblem(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (Mapping, dict):
+        if not isinstance(value, dict):
+            raise _FieldProblem(key, f"must be a mapping, got {value!r}")
+        key_tp, val_tp = args
+        out = {}
+        for k, v in value.items():
+            out[_convert(key_tp, k, f"{key}.{k}")] = _convert(val_tp, v, f"{key}.{k}")
+        return types.MappingProxyType(out)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _FieldProblem(key, f"must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise _FieldProblem(key, f"must be a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _FieldProblem(key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _FieldProblem(key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _FieldProblem(key, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _FieldProblem(key, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {key}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise _FieldProblem(prefix, f"must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in fields:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            raise _FieldProblem(where, f"unknown key (known keys: {', '.join(fields)})")
+    kwargs = {}
+    for name in fields:
+        if name in raw:
+            kwargs[name] = _convert(hints[name], raw[name], f"{prefix}.{name}" if prefix else name)
+    try:
+        return cls(**kwargs)
+    except _FieldProblem as exc:
+        key = f"{prefix}.{exc.key}" if prefix else exc.key
+        raise _FieldProblem(key, exc.message) from None
+
+
+def params_from_dict(raw: Mapping[str, Any], source: str = "params") -> Params:
+    """Validate a raw mapping into Params; a problem is a ConfigError naming `source` and the key path."""
+    try:
+        return _build(Params, dict(raw), "")
+    except _FieldProblem as exc:
+        raise ConfigError(f"{source}: {exc.key}: {exc.message}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run from the project root or pass --params FILE)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a YAML mapping of sections")
+    return params_from_dict(raw, str(path))
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain, YAML/JSON-ready form of a config object (for logging the same values to MLflow)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted-key view of a config section, e.g. {'train.lr': 0.01}."""
+    data = to_dict(obj)
+    out: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, dict) and v:
+                out.update(flatten(v, key))
+            else:
+                out[key] = v
+    else:
+        out[prefix] = data
+    return out
