@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import types
 import typing
@@ -269,7 +270,7 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin in (tuple, list):
         return "a list"
-    if origin in (Mapping, dict):
+    if origin in (Mapping, dict, collections.abc.Mapping):
         return "a mapping"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
@@ -302,7 +303,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
-    if origin in (Mapping, dict):
+    if origin in (Mapping, dict, collections.abc.Mapping):
         if not isinstance(value, dict):
             raise _FieldProblem(key, f"must be a mapping, got {value!r}")
         key_tp, val_tp = args

@@ -1,0 +1,152 @@
+"""Iterative magnitude pruning with late resetting: train dense, then prune -> rewind -> train, round by round.
+
+Each round is an idempotent step whose output (a ticket directory) is written last and atomically, so
+rerunning a killed job continues at the first missing round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save as st_save
+from tqdm.auto import tqdm
+
+from lth.config import Params, flatten
+from lth.data.loader import Normalizer
+from lth.data.store import PreparedDataset, load_prepared
+from lth.fsutil import atomic_write_bytes
+from lth.models import build_model
+from lth.provenance import code_version, data_version
+from lth.pruning import Mask, apply_mask, full_mask, prune_global, sparsity, sparsity_report
+from lth.tickets import MASK, TicketMeta, load_ticket, save_ticket, ticket_dir
+from lth.tracking import NullTracker, Run, Tracker
+from lth.training import EpochMetrics, evaluate, fit
+
+DENSE = "dense"  # <seed dir>/dense/epochNN.safetensors: the dense run's early checkpoints (rewind points)
+
+
+@dataclass(frozen=True)
+class ImpJob:
+    """One IMP job: a source dataset and a seed, with where its tickets go."""
+
+    source: str
+    seed: int
+    out_dir: Path  # <models>/tickets/<source>/seed<s>
+    rewind_epoch: int
+    rounds: int
+    dense_dir: Path  # where round 0 and the dense checkpoints live (shared across rewind epochs)
+
+
+def make_job(source: str, seed: int, params: Params, *, rewind_epoch: int | None = None,
+             rounds: int | None = None, out_dir: Path | None = None) -> ImpJob:
+    """The job for `source` and `seed`; `out_dir` lets `lth tune` keep per-rewind-epoch tickets elsewhere."""
+    home = ticket_dir(params.paths.models, source, seed, 0).parent
+    return ImpJob(
+        source=source,
+        seed=seed,
+        out_dir=out_dir or home,
+        rewind_epoch=params.imp.rewind_epoch if rewind_epoch is None else rewind_epoch,
+        rounds=params.imp.rounds if rounds is None else rounds,
+        dense_dir=home,
+    )
+
+
+def dense_checkpoint(job: ImpJob, epoch: int) -> Path:
+    """Path of the dense run's weights after `epoch` epochs."""
+    return job.dense_dir / DENSE / f"epoch{epoch:02d}.safetensors"
+
+
+def _round_dir(job: ImpJob, round_: int) -> Path:
+    base = job.dense_dir if round_ == 0 else job.out_dir
+    return base / f"round{round_:02d}"
+
+
+def _log_epoch(run: Run):
+    def log(m: EpochMetrics) -> None:
+        run.log_metrics(m.as_dict(), step=m.epoch)
+
+    return log
+
+
+def _train_round(
+    job: ImpJob, round_: int, data: PreparedDataset, params: Params, tracker: Tracker, parent: Run,
+    start_state: dict[str, torch.Tensor], mask: Mask, keep_epochs: list[int],
+) -> tuple[Path, dict[int, dict[str, torch.Tensor]]]:
+    """Train one round from `start_state` under `mask` and write its ticket; returns (dir, kept epochs)."""
+    norm = Normalizer(data.mean, data.std)
+    model = build_model(params.model, data.num_classes, job.seed)
+    model.load_state_dict(start_state)
+    frac = sparsity(mask)
+    name = f"imp {job.source} s{job.seed} r{round_:02d}"
+    tags = {"source": job.source, "seed": str(job.seed), "round": str(round_), "arch": params.model.name,
+            "sparsity": f"{frac:.4f}", "rewind_epoch": str(job.rewind_epoch)}
+    ckpt = job.out_dir / ".checkpoints" / f"round{round_:02d}.safetensors"
+    with tracker.child(parent, name, params={"round": round_, "sparsity": round(frac, 6)}, tags=tags) as run:
+        result = fit(model, data.train, data.val, norm, params.train, seed=job.seed * 1000 + round_, mask=mask,
+                     keep_epochs=keep_epochs, on_epoch=_log_epoch(run), desc=name, checkpoint=ckpt)
+        model.load_state_dict(result.best_state)
+        test = evaluate(model, data.test, norm, params.train)
+        best = result.best
+        metrics = {
+            "test_acc": test.acc, "test_loss": test.loss, "sparsity": frac, "best_epoch": result.best_epoch,
+            "epochs": len(result.history),
+            "val_acc": best.val_acc if best else float("nan"), "val_loss": best.val_loss if best else float("nan"),
+        }
+        run.log_metrics(metrics)
+        rewind = start_state if round_ > 0 else result.kept[job.rewind_epoch]
+        meta = TicketMeta(
+            source=job.source, arch=params.model.name, seed=job.seed, round=round_, sparsity=frac,
+            rewind_epoch=job.rewind_epoch, num_classes=data.num_classes, prunable=tuple(mask),
+            pruning_rate=params.imp.pruning_rate, code_version=code_version(),
+            data_version=data_version(params.paths.data, job.source), metrics=metrics,
+        )
+        extra = {"history.json": [m.__dict__ for m in result.history], "sparsity.json": sparsity_report(mask)}
+        out = save_ticket(_round_dir(job, round_), meta, apply_mask(rewind, mask), mask,
+                          trained=apply_mask(result.best_state, mask), extra_json=extra)
+        tracker.register_ticket(run, out, meta)
+    for p in (ckpt, ckpt.with_suffix(".json")):
+        p.unlink(missing_ok=True)
+    return out, result.kept
+
+
+def _ensure_dense(job: ImpJob, data: PreparedDataset, params: Params, tracker: Tracker, parent: Run) -> None:
+    """Round 0: the dense run, keeping its early checkpoints as rewind points."""
+    need = sorted(set(range(0, max(params.imp.keep_epochs, job.rewind_epoch) + 1)))
+    have_round = (_round_dir(job, 0) / MASK).is_file()
+    have_ckpts = all(dense_checkpoint(job, e).is_file() for e in need)
+    if have_round and have_ckpts:
+        return
+    model = build_model(params.model, data.num_classes, job.seed)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    _, kept = _train_round(job, 0, data, params, tracker, parent, init, full_mask(model), need)
+    for epoch, state in kept.items():
+        atomic_write_bytes(dense_checkpoint(job, epoch), st_save({k: v.contiguous() for k, v in state.items()}))
+
+
+def run_imp(job: ImpJob, params: Params, tracker: Tracker | None = None) -> list[Path]:
+    """Run (or finish) an IMP job; returns the ticket directories of rounds 0..job.rounds."""
+    tracker = tracker or NullTracker()
+    data = load_prepared(params.paths.data, job.source)
+    job_params = flatten(params.imp, "imp") | flatten(params.train, "train") | flatten(params.model, "model")
+    job_params |= {"source": job.source, "seed": job.seed, "rewind_epoch_used": job.rewind_epoch}
+    tags = {"source": job.source, "seed": str(job.seed), "arch": params.model.name,
+            "data_version": data_version(params.paths.data, job.source)}
+    with tracker.job(f"imp/{job.source}", f"imp {job.source} s{job.seed}", params=job_params, tags=tags) as parent:
+        _ensure_dense(job, data, params, tracker, parent)
+        rewind = load_file(str(dense_checkpoint(job, job.rewind_epoch)))
+        dirs = [_round_dir(job, 0)]
+        for round_ in tqdm(range(1, job.rounds + 1), desc=f"imp {job.source} s{job.seed}", unit="round"):
+            out = _round_dir(job, round_)
+            if (out / "ticket.json").is_file():
+                dirs.append(out)
+                continue
+            prev = load_ticket(_round_dir(job, round_ - 1), with_trained=True)
+            assert prev.trained is not None
+            mask = prune_global(prev.trained, prev.mask, params.imp.pruning_rate)
+            out, _ = _train_round(job, round_, data, params, tracker, parent, apply_mask(rewind, mask), mask, [])
+            dirs.append(out)
+        parent.log_metrics({"rounds_done": float(job.rounds)})
+    return dirs
+
