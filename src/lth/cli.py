@@ -92,6 +92,23 @@ def imp_cmd(source: str, seed: int | None, rounds: int | None, params_path: str)
         click.echo(f"imp {source} seed {s}: {len(dirs)} tickets under {job.out_dir}")
 
 
+@cli.command("transfer")
+@click.argument("target")
+@click.option("--arm", "arms", multiple=True, help="Run only these arms (repeatable; default: transfer.arms).")
+@PARAMS_OPTION
+def transfer_cmd(target: str, arms: tuple[str, ...], params_path: str) -> None:
+    """Fine-tune every arm of the study on TARGET and write results/transfer/TARGET.csv."""
+    from lth.config import ARMS
+    from lth.transfer import run_transfer
+
+    params = _params(params_path)
+    for arm in arms:
+        if arm not in ARMS:
+            raise UserError(f"unknown arm {arm!r} (--arm); choose from {', '.join(ARMS)}")
+    csv = run_transfer(target, params, _tracker(params), arms=arms or None)
+    click.echo(f"transfer {target}: results in {csv}")
+
+
 def main() -> None:
     """Console entry point: user mistakes -> one line on stderr, exit 2."""
     try:
@@ -112,3 +129,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+from lth.cli_report import report  # noqa: E402
+
+cli.add_command(report)

@@ -6,15 +6,17 @@ rerunning a killed job continues at the first missing round.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save as st_save
 from tqdm.auto import tqdm
 
 from lth.config import Params, flatten
 from lth.data.loader import Normalizer
+from lth.data.splits import stratified_sample
 from lth.data.store import PreparedDataset, load_prepared
 from lth.fsutil import atomic_write_bytes
 from lth.models import build_model
@@ -37,12 +39,25 @@ class ImpJob:
     rewind_epoch: int
     rounds: int
     dense_dir: Path  # where round 0 and the dense checkpoints live (shared across rewind epochs)
+    train_fraction: float = 1.0  # < 1: tickets found on a stratified fraction of the training split
+
+    @property
+    def label(self) -> str:
+        """Name used in run names: the source, with the training fraction when reduced."""
+        return self.source if self.train_fraction >= 1 else f"{self.source}@{self.train_fraction:g}"
+
+
+def size_dir(models_root: str | Path, target: str, fraction: float, seed: int) -> Path:
+    """models/size/<target>/f<fraction>/seed<s>: tickets found on a reduced training split."""
+    return Path(models_root) / "size" / target / f"f{fraction:.2f}" / f"seed{seed}"
 
 
 def make_job(source: str, seed: int, params: Params, *, rewind_epoch: int | None = None,
-             rounds: int | None = None, out_dir: Path | None = None) -> ImpJob:
+             rounds: int | None = None, out_dir: Path | None = None, train_fraction: float = 1.0) -> ImpJob:
     """The job for `source` and `seed`; `out_dir` lets `lth tune` keep per-rewind-epoch tickets elsewhere."""
     home = ticket_dir(params.paths.models, source, seed, 0).parent
+    if train_fraction < 1:
+        home = size_dir(params.paths.models, source, train_fraction, seed)
     return ImpJob(
         source=source,
         seed=seed,
@@ -50,7 +65,19 @@ def make_job(source: str, seed: int, params: Params, *, rewind_epoch: int | None
         rewind_epoch=params.imp.rewind_epoch if rewind_epoch is None else rewind_epoch,
         rounds=params.imp.rounds if rounds is None else rounds,
         dense_dir=home,
+        train_fraction=train_fraction,
     )
+
+
+def load_job_data(job: ImpJob, params: Params) -> PreparedDataset:
+    """The source's prepared data, its training split reduced to `job.train_fraction` (stratified, seeded)."""
+    data = load_prepared(params.paths.data, job.source)
+    if job.train_fraction >= 1:
+        return data
+    labels = data.train.labels.numpy()
+    keep = stratified_sample(labels, max(1, round(job.train_fraction * len(labels))),
+                             np.random.default_rng(job.seed))
+    return replace(data, splits={**data.splits, "train": data.train.subset(keep)})
 
 
 def dense_checkpoint(job: ImpJob, epoch: int) -> Path:
@@ -79,8 +106,9 @@ def _train_round(
     model = build_model(params.model, data.num_classes, job.seed)
     model.load_state_dict(start_state)
     frac = sparsity(mask)
-    name = f"imp {job.source} s{job.seed} r{round_:02d}"
+    name = f"imp {job.label} s{job.seed} r{round_:02d}"
     tags = {"source": job.source, "seed": str(job.seed), "round": str(round_), "arch": params.model.name,
+            "train_fraction": f"{job.train_fraction:g}",
             "sparsity": f"{frac:.4f}", "rewind_epoch": str(job.rewind_epoch)}
     ckpt = job.out_dir / ".checkpoints" / f"round{round_:02d}.safetensors"
     with tracker.child(parent, name, params={"round": round_, "sparsity": round(frac, 6)}, tags=tags) as run:
@@ -101,11 +129,13 @@ def _train_round(
             rewind_epoch=job.rewind_epoch, num_classes=data.num_classes, prunable=tuple(mask),
             pruning_rate=params.imp.pruning_rate, code_version=code_version(),
             data_version=data_version(params.paths.data, job.source), metrics=metrics,
+            train_fraction=job.train_fraction,
         )
         extra = {"history.json": [m.__dict__ for m in result.history], "sparsity.json": sparsity_report(mask)}
         out = save_ticket(_round_dir(job, round_), meta, apply_mask(rewind, mask), mask,
                           trained=apply_mask(result.best_state, mask), extra_json=extra)
-        tracker.register_ticket(run, out, meta)
+        if job.train_fraction >= 1:
+            tracker.register_ticket(run, out, meta)
     for p in (ckpt, ckpt.with_suffix(".json")):
         p.unlink(missing_ok=True)
     return out, result.kept
@@ -128,16 +158,17 @@ def _ensure_dense(job: ImpJob, data: PreparedDataset, params: Params, tracker: T
 def run_imp(job: ImpJob, params: Params, tracker: Tracker | None = None) -> list[Path]:
     """Run (or finish) an IMP job; returns the ticket directories of rounds 0..job.rounds."""
     tracker = tracker or NullTracker()
-    data = load_prepared(params.paths.data, job.source)
+    data = load_job_data(job, params)
     job_params = flatten(params.imp, "imp") | flatten(params.train, "train") | flatten(params.model, "model")
-    job_params |= {"source": job.source, "seed": job.seed, "rewind_epoch_used": job.rewind_epoch}
+    job_params |= {"source": job.source, "seed": job.seed, "rewind_epoch_used": job.rewind_epoch,
+                   "train_fraction": job.train_fraction}
     tags = {"source": job.source, "seed": str(job.seed), "arch": params.model.name,
             "data_version": data_version(params.paths.data, job.source)}
-    with tracker.job(f"imp/{job.source}", f"imp {job.source} s{job.seed}", params=job_params, tags=tags) as parent:
+    with tracker.job(f"imp/{job.source}", f"imp {job.label} s{job.seed}", params=job_params, tags=tags) as parent:
         _ensure_dense(job, data, params, tracker, parent)
         rewind = load_file(str(dense_checkpoint(job, job.rewind_epoch)))
         dirs = [_round_dir(job, 0)]
-        for round_ in tqdm(range(1, job.rounds + 1), desc=f"imp {job.source} s{job.seed}", unit="round"):
+        for round_ in tqdm(range(1, job.rounds + 1), desc=f"imp {job.label} s{job.seed}", unit="round"):
             out = _round_dir(job, round_)
             if (out / "ticket.json").is_file():
                 dirs.append(out)

@@ -41,6 +41,7 @@ class TicketMeta:
     code_version: str = ""
     data_version: str = ""  # sha256 of the source's prepared meta.json
     metrics: dict[str, Any] = field(default_factory=dict)  # e.g. test accuracy of the trained weights
+    train_fraction: float = 1.0  # fraction of the source's training split the ticket was found on
     sha256: dict[str, str] = field(default_factory=dict)
     format: int = FORMAT
 

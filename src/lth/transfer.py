@@ -1,0 +1,216 @@
+"""The study's arms on one target: scratch, transferred tickets, the target's own tickets and the controls.
+
+Every fine-tune is an idempotent step: its result row is written atomically to
+results/transfer/<target>/runs/<key>.json, so a rerun skips what is done; the CSV is assembled at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from lth.config import Params, flatten
+from lth.data.loader import Normalizer
+from lth.data.registry import get_spec
+from lth.data.store import PreparedDataset, load_prepared, read_meta
+from lth.errors import UserError
+from lth.fsutil import atomic_write_json, atomic_write_text
+from lth.imp import make_job, run_imp
+from lth.models import build_model, replace_head
+from lth.pruning import apply_mask, full_mask, sparsity
+from lth.tickets import TicketMeta, load_ticket, read_meta as read_ticket_meta, ticket_dir
+from lth.tracking import NullTracker, Run, Tracker
+from lth.training import evaluate, fit
+
+COLUMNS = [
+    "target", "arm", "source", "seed", "round", "fraction_pruned", "size_fraction",
+    "test_acc", "test_loss", "val_acc", "val_loss", "best_epoch", "epochs", "seconds",
+]
+TICKET_ARMS = ("transfer", "target", "reinit", "trained", "related")  # arms that start from a ticket
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """One fine-tune of the study: which arm, whose ticket (source, seed, round)."""
+
+    target: str
+    arm: str
+    source: str
+    seed: int
+    round: int
+
+    @property
+    def key(self) -> str:
+        """File-name-safe identity, e.g. transfer-fashion-mnist-s0-r03."""
+        return f"{self.arm}-{self.source or 'none'}-s{self.seed}-r{self.round:02d}"
+
+    @property
+    def fit_seed(self) -> int:
+        """Seed of the fine-tune's batches and new head: a pure function of its identity."""
+        return zlib.crc32(f"{self.target}/{self.key}".encode()) % (2**31)
+
+
+def results_dir(params: Params, target: str) -> Path:
+    """results/transfer/<target>/ (one JSON per fine-tune under runs/)."""
+    return Path(params.paths.results) / "transfer" / target
+
+
+def results_csv(params: Params, target: str) -> Path:
+    """results/transfer/<target>.csv: the assembled rows."""
+    return Path(params.paths.results) / "transfer" / f"{target}.csv"
+
+
+def _rounds(params: Params) -> list[int]:
+    return list(params.transfer.rounds) if params.transfer.rounds is not None else list(range(params.imp.rounds + 1))
+
+
+def plan(target: str, params: Params, arms: tuple[str, ...]) -> list[FineTune]:
+    """Every fine-tune of `arms` on `target` (the `size` arm is an IMP job, planned separately)."""
+    t = params.transfer
+    rounds = _rounds(params)
+    related = [p.source for p in t.related if p.target == target]
+    todo: list[FineTune] = []
+    for seed in t.seeds:
+        if "scratch" in arms:
+            todo.append(FineTune(target, "scratch", "", seed, 0))
+        for arm in TICKET_ARMS:
+            if arm not in arms:
+                continue
+            sources = {"transfer": t.sources, "trained": t.sources, "target": (target,), "reinit": (target,),
+                       "related": related}[arm]
+            for source in sources:
+                for r in rounds:
+                    if arm == "reinit" and r == 0:
+                        continue  # a re-initialised dense network is the scratch arm
+                    todo.append(FineTune(target, arm, source, seed, r))
+    return todo
+
+
+def check_inputs(target: str, params: Params, todo: list[FineTune]) -> None:
+    """Fail before any training: unknown datasets, unprepared target, missing tickets."""
+    get_spec(target)
+    read_meta(params.paths.data, target)
+    for pair in params.transfer.related:
+        get_spec(pair.source)
+        get_spec(pair.target)
+    for ft in todo:
+        if ft.arm == "scratch":
+            continue
+        d = ticket_dir(params.paths.models, ft.source, ft.seed, ft.round)
+        if not (d / "ticket.json").is_file():
+            raise UserError(
+                f"no ticket for source {ft.source!r} seed {ft.seed} round {ft.round} ({d} missing): "
+                f"run `lth imp {ft.source} --seed {ft.seed}` (imp.rounds >= {ft.round})"
+            )
+
+
+def initial_network(ft: FineTune, data: PreparedDataset, params: Params) -> tuple[torch.nn.Module, dict]:
+    """The network an arm starts from, and its mask (all True for scratch)."""
+    if ft.arm == "scratch":
+        model = build_model(params.model, data.num_classes, ft.fit_seed)
+        return model, full_mask(model)
+    ticket_path = ticket_dir(params.paths.models, ft.source, ft.seed, ft.round)
+    ticket = load_ticket(ticket_path, with_trained=ft.arm == "trained")
+    meta: TicketMeta = ticket.meta
+    if meta.arch != params.model.name:
+        raise UserError(f"{ticket_path}: ticket is for arch {meta.arch!r}, the study uses {params.model.name!r}")
+    if ft.arm == "reinit":
+        model = build_model(params.model, data.num_classes, ft.fit_seed)
+        model.load_state_dict(apply_mask(model.state_dict(), ticket.mask))
+        return model, ticket.mask
+    model = build_model(params.model, meta.num_classes, 0)
+    weights = ticket.trained if ft.arm == "trained" else ticket.weights
+    assert weights is not None
+    model.load_state_dict(weights)
+    if ft.arm != "target":  # a ticket from another dataset gets a new, seeded, random head
+        replace_head(model, data.num_classes, ft.fit_seed)
+    return model, ticket.mask
+
+
+def run_finetune(ft: FineTune, data: PreparedDataset, params: Params, tracker: Tracker, parent: Run) -> dict:
+    """Fine-tune one arm's network on the target; returns its result row."""
+    model, mask = initial_network(ft, data, params)
+    norm = Normalizer(data.mean, data.std)
+    frac = sparsity(mask)
+    name = f"transfer {ft.target} {ft.arm} {ft.source or '-'} s{ft.seed} r{ft.round:02d}"
+    tags = {"target": ft.target, "arm": ft.arm, "source": ft.source, "seed": str(ft.seed),
+            "round": str(ft.round), "sparsity": f"{frac:.4f}"}
+    ckpt = results_dir(params, ft.target) / ".checkpoints" / f"{ft.key}.safetensors"
+    t0 = time.perf_counter()
+    with tracker.child(parent, name, params={"arm": ft.arm, "source": ft.source, "round": ft.round,
+                                             "fit_seed": ft.fit_seed}, tags=tags) as run:
+        result = fit(model, data.train, data.val, norm, params.train, seed=ft.fit_seed, mask=mask,
+                     on_epoch=lambda m: run.log_metrics(m.as_dict(), step=m.epoch), desc=name,
+                     checkpoint=ckpt, lr=params.transfer.lr, max_epochs=params.transfer.max_epochs)
+        model.load_state_dict(result.best_state)
+        test = evaluate(model, data.test, norm, params.train)
+        best = result.best
+        row = {
+            "target": ft.target, "arm": ft.arm, "source": ft.source, "seed": ft.seed, "round": ft.round,
+            "fraction_pruned": frac, "size_fraction": 1.0, "test_acc": test.acc, "test_loss": test.loss,
+            "val_acc": best.val_acc if best else float("nan"), "val_loss": best.val_loss if best else float("nan"),
+            "best_epoch": result.best_epoch, "epochs": len(result.history), "seconds": time.perf_counter() - t0,
+        }
+        run.log_metrics({k: float(row[k]) for k in ("test_acc", "test_loss", "val_acc", "val_loss",
+                                                     "fraction_pruned", "epochs", "seconds")})
+    for p in (ckpt, ckpt.with_suffix(".json")):
+        p.unlink(missing_ok=True)
+    return row
+
+
+def size_rows(target: str, params: Params, tracker: Tracker) -> list[dict]:
+    """The `size` arm: the target's tickets found (and trained) on reduced training splits."""
+    rows = []
+    for fraction in params.transfer.size_fractions:
+        for seed in params.transfer.seeds:
+            job = make_job(target, seed, params, train_fraction=fraction)
+            t0 = time.perf_counter()
+            for d in run_imp(job, params, tracker):
+                meta = read_ticket_meta(d)
+                if meta.round not in _rounds(params):
+                    continue
+                m = meta.metrics
+                rows.append({
+                    "target": target, "arm": "size", "source": target, "seed": seed, "round": meta.round,
+                    "fraction_pruned": meta.sparsity, "size_fraction": fraction, "test_acc": m["test_acc"],
+                    "test_loss": m["test_loss"], "val_acc": m["val_acc"], "val_loss": m["val_loss"],
+                    "best_epoch": m["best_epoch"], "epochs": m["epochs"], "seconds": time.perf_counter() - t0,
+                })
+    return rows
+
+
+def run_transfer(target: str, params: Params, tracker: Tracker | None = None,
+                 arms: tuple[str, ...] | None = None) -> Path:
+    """Run (or finish) every configured arm on `target`; returns the results CSV."""
+    tracker = tracker or NullTracker()
+    arms = arms or params.transfer.arms
+    todo = plan(target, params, arms)
+    check_inputs(target, params, todo)
+    data = load_prepared(params.paths.data, target)
+    runs_dir = results_dir(params, target) / "runs"
+    job_params = flatten(params.transfer, "transfer") | flatten(params.train, "train") | {"target": target}
+    rows: list[dict] = []
+    with tracker.job(f"transfer/{target}", f"transfer {target}", params=job_params,
+                     tags={"target": target, "arch": params.model.name}) as parent:
+        for ft in tqdm(todo, desc=f"transfer {target}", unit="run"):
+            out = runs_dir / f"{ft.key}.json"
+            if out.is_file():
+                rows.append(json.loads(out.read_text()))
+                continue
+            row = run_finetune(ft, data, params, tracker, parent)
+            atomic_write_json(out, row)
+            rows.append(row)
+        if "size" in arms:
+            rows.extend(size_rows(target, params, tracker))
+    frame = pd.DataFrame(rows, columns=COLUMNS).sort_values(["arm", "source", "size_fraction", "seed", "round"])
+    csv = results_csv(params, target)
+    atomic_write_text(csv, frame.to_csv(index=False, float_format="%.6g"))
+    return csv
+
