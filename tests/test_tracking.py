@@ -1,0 +1,292 @@
+"""MLflow tracking: nested IMP runs with per-epoch steps, the ticket registry, `lth tickets list|fetch`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from lth import tracking
+from lth.cli_tickets import tickets
+from lth.config import Params, TrackingConfig, params_from_dict
+from lth.data.store import write_prepared
+from lth.errors import UserError
+from lth.imp import make_job, run_imp
+from lth.provenance import data_version, git_commit
+from lth.registry_query import fetch_ticket, list_tickets
+from lth.tickets import load_ticket
+from lth.tracking import MlflowTracker, get_tracker
+
+ROUNDS = 2
+
+
+def write_toy(data_root: Path, name: str = "toy", seed: int = 0) -> None:
+    """A tiny random 3-class prepared dataset (12 px)."""
+    rng = np.random.default_rng(seed)
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        return rng.integers(0, 255, (n, 3, 12, 12), dtype=np.uint8), np.arange(n) % 3
+
+    write_prepared(data_root, name, {"train": split(48), "val": split(24), "test": split(24)}, ["a", "b", "c"])
+
+
+def tiny_params(root: Path, *, rounds: int = ROUNDS, **tracking_cfg: Any) -> Params:
+    """A study small enough that IMP runs in seconds on a CPU; tracking into root/mlflow.db unless given."""
+    tracking_cfg.setdefault("uri", f"sqlite:///{root / 'mlflow.db'}")
+    raw = {
+        "paths": {"data": str(root / "data"), "models": str(root / "models")},
+        "prepare": {"image_size": 12, "datasets": {"toy": {}}},
+        "model": {"depth": 8, "width": 4},
+        "train": {"crop_size": 10, "max_epochs": 2, "batch_size": 16, "device": "cpu", "patience": 2},
+        "imp": {"sources": ["toy"], "rounds": rounds, "rewind_epoch": 1},
+        "transfer": {"targets": ["toy"], "sources": ["toy"]},
+        "tune": {"source": "toy", "target": "toy", "rewind_epochs": [0, 1], "max_epochs": 2},
+        "tracking": tracking_cfg,
+    }
+    return params_from_dict(raw, "test")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One IMP job (rounds 0..2) on the toy source, tracked into a fresh sqlite store."""
+    root = tmp_path_factory.mktemp("study")
+    write_toy(root / "data")
+    params = tiny_params(root)
+    dirs = run_imp(make_job("toy", 0, params), params, get_tracker(params))
+    uri = params.tracking.uri
+    return {"root": root, "params": params, "dirs": dirs, "uri": uri, "client": MlflowClient(uri, uri)}
+
+
+def _runs(client: MlflowClient, experiment: str) -> list[Any]:
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} missing"
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def _parents_and_children(client: MlflowClient, experiment: str) -> tuple[list[Any], list[Any]]:
+    runs = _runs(client, experiment)
+    parents = [r for r in runs if tracking.PARENT_TAG not in r.data.tags]
+    return parents, [r for r in runs if tracking.PARENT_TAG in r.data.tags]
+
+
+# ---------------------------------------------------------------- runs
+
+
+def test_imp_job_is_one_parent_run_with_a_nested_run_per_round(study: dict[str, Any]) -> None:
+    client = study["client"]
+    parents, children = _parents_and_children(client, "imp/toy")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.run_name == "imp toy s0" and parent.info.status == "FINISHED"
+    assert sorted(c.info.run_name for c in children) == [f"imp toy s0 r{k:02d}" for k in range(ROUNDS + 1)]
+    for child in children:
+        assert child.data.tags[tracking.PARENT_TAG] == parent.info.run_id
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["data_version"] == data_version(study["params"].paths.data, "toy") != ""
+        assert child.data.tags.get("lth.git_commit", "") == git_commit()
+    assert parent.data.params["train.lr"] == str(study["params"].train.lr)
+    assert parent.data.params["source"] == "toy" and parent.data.tags["mlflow.runName"] == "imp toy s0"
+    assert parent.data.metrics["rounds_done"] == ROUNDS
+
+
+def test_every_epoch_is_logged_with_its_step(study: dict[str, Any]) -> None:
+    client = study["client"]
+    _, children = _parents_and_children(client, "imp/toy")
+    for child in children:
+        epochs = int(child.data.metrics["epochs"])
+        history = client.get_metric_history(child.info.run_id, "train_loss")
+        assert sorted(m.step for m in history) == list(range(1, epochs + 1))
+        # The round's summary (best epoch's val_loss) is the latest value, at the last step.
+        val = client.get_metric_history(child.info.run_id, "val_loss")
+        assert {m.step for m in val} == set(range(1, epochs + 1)) and len(val) == epochs + 1
+        assert child.data.metrics["val_loss"] == min(m.value for m in val)
+        round_ = int(child.data.tags["round"])
+        assert child.data.tags["sparsity"] == f"{child.data.metrics['sparsity']:.4f}"
+        assert abs(child.data.metrics["sparsity"] - (1 - 0.8 ** round_)) < 0.01  # round k keeps 0.8^k
+
+
+def test_artifacts_live_beside_the_store_not_in_the_cwd(study: dict[str, Any]) -> None:
+    exp = study["client"].get_experiment_by_name("imp/toy")
+    assert exp.artifact_location == (study["root"] / "mlruns" / "imp" / "toy").as_uri()
+
+
+def test_rerunning_a_job_reuses_its_parent_run(tmp_path: Path) -> None:
+    write_toy(tmp_path / "data")
+    params = tiny_params(tmp_path, rounds=1)
+    client = MlflowClient(params.tracking.uri, params.tracking.uri)
+    run_imp(make_job("toy", 0, params), params, get_tracker(params))
+    run_imp(make_job("toy", 0, params), params, get_tracker(params))  # nothing left to do
+    parents, children = _parents_and_children(client, "imp/toy")
+    assert len(parents) == 1 and len(children) == 2
+    # A killed job resumed later: round 1 missing again -> same parent, one new nested run.
+    import shutil
+
+    shutil.rmtree(tmp_path / "models" / "tickets" / "toy" / "seed0" / "round01")
+    run_imp(make_job("toy", 0, params), params, get_tracker(params))
+    parents, children = _parents_and_children(client, "imp/toy")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(c.info.run_name for c in children) == ["imp toy s0 r00", "imp toy s0 r01", "imp toy s0 r01"]
+    assert {c.data.tags[tracking.PARENT_TAG] for c in children} == {parents[0].info.run_id}
+
+
+def test_failed_and_stale_runs(tmp_path: Path) -> None:
+    tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}"))
+    client = tracker.store.client
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracker.job("imp/x", "job", params={"a": 1}, tags={}) as parent:
+            stale = tracker.child(parent, "round", params={}, tags={})
+            stale_run = stale.__enter__()  # a crashed try: never ended
+            with tracker.child(parent, "round", params={}, tags={}) as run:
+                raise RuntimeError("boom")
+    assert client.get_run(parent.run_id).info.status == "FAILED"
+    assert client.get_run(run.run_id).info.status == "FAILED"
+    old = client.get_run(stale_run.run_id)
+    assert old.info.status == "FAILED" and old.data.tags["lth.stale"] == "true"
+
+
+def test_metrics_are_batched_and_long_params_truncated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}"), flush_every=10**6,
+                            flush_seconds=10**6)
+    client = tracker.store.client
+    calls: list[int] = []
+    real = client.log_batch
+
+    def counting(run_id: str, metrics: Any = (), **kw: Any) -> None:
+        calls.append(len(metrics))
+        real(run_id, metrics=metrics, **kw)
+
+    monkeypatch.setattr(client, "log_batch", counting)
+    params = {f"p{i}": i for i in range(150)} | {"long": "x" * 10_000}
+    with tracker.job("imp/x", "job", params=params, tags={}) as parent:
+        with tracker.child(parent, "r", params={}, tags={}) as run:
+            for step in range(1, 1201):
+                run.log_metrics({"loss": 1.0 / step, "acc": 0.5}, step=step)
+            assert client.get_metric_history(run.run_id, "loss") == []  # still buffered
+    assert max(calls) == tracking.METRICS_PER_BATCH and sum(calls) == 2400
+    assert sorted(m.step for m in client.get_metric_history(run.run_id, "loss")) == list(range(1, 1201))
+    got = client.get_run(parent.run_id).data.params
+    assert len(got) == 151 and len(got["long"]) == tracking.MAX_PARAM_LEN
+
+
+def test_database_locked_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tracking.Store(TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}"))
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    tries = []
+
+    def flaky() -> str:
+        tries.append(1)
+        if len(tries) < 3:
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert store.call(flaky) == "ok" and len(tries) == 3
+
+
+def test_default_uri_is_an_absolute_sqlite_file_in_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///rel/m.db")
+    assert tracking.tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path.resolve()}/rel/m.db"
+    assert tracking.tracking_uri(TrackingConfig(uri="http://h:5000")) == "http://h:5000"
+
+
+def test_unreachable_server_fails_before_any_work(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    params = tiny_params(tmp_path, uri=f"http://user:secret@127.0.0.1:{port}")
+    with pytest.raises(UserError, match=rf"MLflow tracking server http://127.0.0.1:{port} unreachable") as exc:
+        get_tracker(params)
+    assert "secret" not in str(exc.value)
+    with pytest.raises(UserError, match="unreachable"):
+        list_tickets(params)
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_every_ticket_is_a_registered_version_with_tags_and_alias(study: dict[str, Any]) -> None:
+    client = MlflowClient(study["uri"], study["uri"])  # a fresh client, as a separate process would use
+    found = client.search_model_versions("tags.source = 'toy' and tags.round = '1'")
+    assert len(found) == 1
+    version = found[0]
+    meta = load_ticket(study["dirs"][1]).meta
+    assert version.name == "ticket-toy-resnet8w4" and version.run_id
+    assert {k: version.tags[k] for k in ("source", "arch", "seed", "round", "sparsity", "rewind_epoch")} == {
+        "source": "toy", "arch": "resnet8w4", "seed": "0", "round": "1", "sparsity": f"{meta.sparsity:.4f}",
+        "rewind_epoch": "1"}
+    for k in range(ROUNDS + 1):
+        assert client.get_model_version_by_alias("ticket-toy-resnet8w4", f"r{k:02d}-s0").tags["round"] == str(k)
+    assert not list((study["root"] / "mlruns").rglob("*.pkl"))  # safetensors + JSON only
+
+
+def test_fetch_picks_the_nearest_round_and_its_mask_matches_the_sparsity_tag(
+        study: dict[str, Any], tmp_path: Path) -> None:
+    out, row = fetch_ticket(study["params"], "toy", 0.21, out_dir=tmp_path / "t")
+    assert (row["round"], row["seed"], row["alias"]) == (1, 0, "r01-s0")
+    ticket = load_ticket(out)
+    zeros = sum(int((~m).sum()) for m in ticket.mask.values()) / sum(m.numel() for m in ticket.mask.values())
+    tag = study["client"].get_model_version(row["model"], str(row["version"])).tags["sparsity"]
+    assert f"{zeros:.4f}" == tag
+    assert ticket.meta.round == 1 and (out / "weights.safetensors").read_bytes() == (
+        study["dirs"][1] / "weights.safetensors").read_bytes()
+    out2, row2 = fetch_ticket(study["params"], "toy", 0.37, seed=0, out_dir=out)  # replaces a ticket dir
+    assert row2["round"] == 2 and load_ticket(out2).meta.round == 2
+
+
+def test_fetch_without_a_near_ticket_or_for_an_unknown_source_lists_what_exists(
+        study: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    with pytest.raises(UserError, match=r"available sparsities: 0\.0000, 0\.2\d{3}, 0\.3\d{3}$"):
+        fetch_ticket(study["params"], "toy", 0.9, out_dir=out)
+    with pytest.raises(UserError, match=r"no tickets registered for source 'cifar' .*known sources: toy$"):
+        fetch_ticket(study["params"], "cifar", 0.2, out_dir=out)
+    with pytest.raises(UserError, match=r"available seeds: 0$"):
+        fetch_ticket(study["params"], "toy", 0.2, seed=3, out_dir=out)
+    with pytest.raises(UserError, match=r"available archs: resnet8w4$"):
+        fetch_ticket(study["params"], "toy", 0.2, arch="resnet50", out_dir=out)
+    assert not out.exists() and not list(tmp_path.iterdir())  # nothing half-written
+    keep = tmp_path / "mine"
+    (keep / "notes.txt").parent.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a ticket directory"):
+        fetch_ticket(study["params"], "toy", 0.2, out_dir=keep)
+    assert (keep / "notes.txt").read_text() == "mine"
+
+
+def test_tickets_cli_lists_and_fetches(study: dict[str, Any], tmp_path: Path) -> None:
+    import yaml
+
+    from lth.config import to_dict
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(to_dict(study["params"])))
+    runner = CliRunner()
+    listed = runner.invoke(tickets, ["list", "--source", "toy", "--params", str(params_file)])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert lines[0].split() == ["model", "version", "source", "arch", "seed", "round", "sparsity", "alias", "run_id"]
+    assert [line.split()[7] for line in lines[1:]] == ["r00-s0", "r01-s0", "r02-s0"]
+    fetched = runner.invoke(tickets, ["fetch", "--source", "toy", "--sparsity", "0.36", "-o", str(tmp_path / "t"),
+                                      "--params", str(params_file)])
+    assert fetched.exit_code == 0, fetched.output
+    assert "round 2" in fetched.output and "sparsity 0.3" in fetched.output and str(tmp_path / "t") in fetched.output
+    bad = runner.invoke(tickets, ["fetch", "--source", "toy", "--sparsity", "0.8", "-o", str(tmp_path / "u"),
+                                  "--params", str(params_file)])
+    assert isinstance(bad.exception, UserError) and "available sparsities" in str(bad.exception)
+
+
+def test_registration_can_be_turned_off(tmp_path: Path) -> None:
+    write_toy(tmp_path / "data")
+    params = tiny_params(tmp_path, rounds=1, register=False)
+    run_imp(make_job("toy", 0, params), params, get_tracker(params))
+    assert MlflowClient(params.tracking.uri, params.tracking.uri).search_model_versions("name LIKE 'ticket-%'") == []
+    assert list_tickets(params) == []
