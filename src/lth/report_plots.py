@@ -1,0 +1,148 @@
+"""The report's figures: test accuracy against fraction pruned, mean line and ±std band per series (Fig. 3, Fig. 4)."""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.colors import to_hex
+from matplotlib.figure import Figure  # no pyplot: no global state, and PNG output always uses Agg
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+from lth.fsutil import atomic_write_bytes
+from lth.report import series_label
+
+TARGET_COLOR, REINIT_COLOR, SCRATCH_COLOR = "tab:blue", "tab:orange", "black"
+SOURCE_COLORS = ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+MIN_REMAINING = 1e-4  # keeps a fully pruned point on the log axis
+
+
+@dataclass(frozen=True)
+class Line:
+    """One curve of a figure: which series, and how it is drawn."""
+
+    arm: str
+    source: str
+    size_fraction: float
+    label: str
+    color: str
+    linestyle: str = "-"
+
+
+@dataclass(frozen=True)
+class FigureRef:
+    """A written figure: its title and its path relative to the report folder."""
+
+    title: str
+    path: str
+
+
+def _pct(fraction: float) -> str:
+    """Percentage with as many decimals as high sparsities need (0%, 36%, 98.6%, 99.94%)."""
+    digits = 0 if fraction < 0.95 else 1 if fraction < 0.995 else 2
+    return f"{fraction:.{digits}%}"
+
+
+def _slug(name: str) -> str:
+    """A file-name-safe form of a dataset name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def _curve(agg_t: pd.DataFrame, line: Line) -> pd.DataFrame:
+    """The points of one series, most weights remaining first."""
+    sel = agg_t[(agg_t["arm"] == line.arm) & (agg_t["source"] == line.source)
+                & (agg_t["size_fraction"] == line.size_fraction)]
+    return sel.sort_values("fraction_pruned")
+
+
+def _format_axis(ax, fractions: np.ndarray) -> None:
+    """Log scale of the weights remaining, read left to right as the fraction of weights pruned."""
+    remaining = np.unique(np.clip(1.0 - fractions, MIN_REMAINING, 1.0))[::-1]
+    ticks = remaining[np.unique(np.linspace(0, len(remaining) - 1, min(len(remaining), 8)).round().astype(int))]
+    ax.set_xscale("log")
+    ax.set_xlim(remaining.max() * 1.05, remaining.min() / 1.05)  # inverted: pruning grows to the right
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _pct(1.0 - x)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("fraction of weights pruned (log scale of weights remaining)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(True, alpha=0.3)
+
+
+def plot_curves(agg_t: pd.DataFrame, lines: list[Line], title: str) -> bytes | None:
+    """PNG of the given series plus the scratch baseline (dashed); None when no series has data."""
+    curves = [(line, _curve(agg_t, line)) for line in lines]
+    curves = [(line, c) for line, c in curves if not c.empty]
+    if not curves:
+        return None
+    fig = Figure(figsize=(8, 5), dpi=110)
+    ax = fig.subplots()
+    for line, c in curves:
+        x = np.clip(1.0 - c["fraction_pruned"].to_numpy(float), MIN_REMAINING, 1.0)
+        mean, std = c["test_acc_mean"].to_numpy(float), np.nan_to_num(c["test_acc_std"].to_numpy(float))
+        ax.plot(x, mean, marker="o", markersize=3, color=line.color, linestyle=line.linestyle, label=line.label)
+        ax.fill_between(x, mean - std, mean + std, color=line.color, alpha=0.15, linewidth=0)
+    scratch = agg_t[agg_t["arm"] == "scratch"]
+    if not scratch.empty:
+        mean, std = float(scratch["test_acc_mean"].iloc[0]), float(np.nan_to_num(scratch["test_acc_std"].iloc[0]))
+        ax.axhline(mean, color=SCRATCH_COLOR, linestyle="--", linewidth=1.5, label=series_label("scratch", "", "", 1.0))
+        ax.axhspan(mean - std, mean + std, color=SCRATCH_COLOR, alpha=0.08, linewidth=0)
+    _format_axis(ax, np.concatenate([c["fraction_pruned"].to_numpy(float) for _, c in curves]))
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def figure_lines(agg_t: pd.DataFrame, target: str, colors: dict[str, str]) -> dict[str, tuple[str, list[Line]]]:
+    """The figures of one target: name -> (title, lines); Fig. 4 panels only when their arm has results."""
+    def sources(arm: str) -> list[str]:
+        return sorted(agg_t.loc[agg_t["arm"] == arm, "source"].unique())
+
+    def line(arm: str, source: str, color: str, frac: float = 1.0, style: str = "-") -> Line:
+        return Line(arm, source, frac, series_label(arm, source, target, frac), color, style)
+
+    own = line("target", target, TARGET_COLOR)
+    transfer = [line("transfer", s, colors[s]) for s in sources("transfer")]
+    figures = {"fig3": (f"{target}: transferred tickets vs target tickets vs scratch",
+                        [*transfer, own, line("reinit", target, REINIT_COLOR)])}
+    if sources("trained"):
+        trained = [line("trained", s, colors[s], style=":") for s in sources("trained")]
+        figures["fig4_trained"] = (f"{target}: rewound tickets (solid) vs fully trained weights (dotted)",
+                                   [*transfer, *trained, own])
+    if sources("related"):
+        related = [line("related", s, colors[s], style="-.") for s in sources("related")]
+        figures["fig4_related"] = (f"{target}: related non-natural source vs natural sources vs target",
+                                   [*related, *transfer, own])
+    fracs = sorted(agg_t.loc[agg_t["arm"] == "size", "size_fraction"].unique())
+    if fracs:
+        shades = [to_hex(colormaps["viridis"](v)) for v in np.linspace(0.2, 0.85, len(fracs))]
+        size = [line("size", target, c, frac=f, style="--") for f, c in zip(fracs, shades)]
+        figures["fig4_size"] = (f"{target}: tickets found on reduced training sets vs the full set", [*size, own])
+    return figures
+
+
+def draw_figures(agg: pd.DataFrame, targets: tuple[str, ...] | list[str], out_dir: Path,
+                 link_dir: str = "figures") -> dict[str, list[FigureRef]]:
+    """Write every figure of every target under out_dir; return them per target, linked as link_dir/NAME.png."""
+    named = sorted(agg.loc[agg["arm"].isin(["transfer", "trained", "related"]), "source"].unique())
+    colors = {s: SOURCE_COLORS[i % len(SOURCE_COLORS)] for i, s in enumerate(named)}  # one colour per source everywhere
+    written: dict[str, list[FigureRef]] = {}
+    for target in targets:
+        agg_t = agg[agg["target"] == target]
+        written[target] = []
+        for name, (title, lines) in figure_lines(agg_t, target, colors).items():
+            png = plot_curves(agg_t, lines, title)
+            if png is None:
+                continue
+            rel = f"{name}_{_slug(target)}.png"
+            atomic_write_bytes(out_dir / rel, png)
+            written[target].append(FigureRef(title, f"{link_dir}/{rel}"))
+    return written

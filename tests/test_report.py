@@ -1,0 +1,253 @@
+"""Report: aggregation over seeds, Tables 2 and 3 and the Welch test against hand-computed values, the pages."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from lth.cli import cli
+from lth.config import Params, params_from_dict, to_dict
+from lth.errors import UserError
+from lth.report import (
+    COLUMNS, FEW_SEEDS, aggregate, best_models, build_report, fraction_table, load_results, missing_results,
+)
+
+FRACTION = {0: 0.0, 1: 0.2, 2: 0.36, 3: 0.488}  # 1 - 0.8^round
+
+# (target, arm, source, size_fraction) -> {round: per-seed test accuracies}; seeds 0, 1, 2 (beta: 0, 1)
+STUDY: dict[tuple[str, str, str, float], dict[int, list[float]]] = {
+    ("alpha", "scratch", "", 1.0): {0: [0.80, 0.82, 0.84]},
+    ("alpha", "transfer", "nat", 1.0): {0: [0.78, 0.80, 0.82], 1: [0.85, 0.86, 0.87], 2: [0.88, 0.90, 0.92],
+                                        3: [0.83, 0.84, 0.85]},
+    ("alpha", "target", "alpha", 1.0): {0: [0.80, 0.81, 0.82], 1: [0.80, 0.81, 0.82], 2: [0.82, 0.83, 0.84],
+                                        3: [0.84, 0.85, 0.86]},
+    ("alpha", "reinit", "alpha", 1.0): {0: [0.80, 0.81, 0.82], 1: [0.75, 0.76, 0.77], 2: [0.73, 0.74, 0.75],
+                                        3: [0.69, 0.70, 0.71]},
+    ("alpha", "trained", "nat", 1.0): {0: [0.78, 0.80, 0.82], 1: [0.78, 0.79, 0.80], 2: [0.79, 0.80, 0.81],
+                                       3: [0.80, 0.81, 0.82]},
+    ("alpha", "related", "rel", 1.0): {0: [0.80, 0.81, 0.82], 1: [0.82, 0.83, 0.84], 2: [0.86, 0.87, 0.88],
+                                       3: [0.85, 0.86, 0.87]},
+    ("alpha", "size", "alpha", 0.5): {0: [0.70, 0.71, 0.72], 1: [0.77, 0.78, 0.79], 2: [0.78, 0.79, 0.80],
+                                      3: [0.76, 0.77, 0.78]},
+    ("beta", "scratch", "beta", 1.0): {0: [0.60, 0.64]},  # scratch written with source = target: same thing
+    ("beta", "transfer", "nat", 1.0): {0: [0.50, 0.52], 1: [0.58, 0.60], 2: [0.55, 0.57], 3: [0.50, 0.52]},
+    ("beta", "target", "beta", 1.0): {0: [0.60, 0.62], 1: [0.62, 0.66], 2: [0.61, 0.63], 3: [0.59, 0.61]},
+}
+
+
+def study_rows(study: dict = STUDY) -> pd.DataFrame:
+    """The hand-made results table in the `lth transfer` CSV format."""
+    rows = []
+    for (target, arm, source, size), by_round in study.items():
+        for rnd, accs in by_round.items():
+            for seed, acc in enumerate(accs):
+                rows.append({"target": target, "arm": arm, "source": source, "seed": seed, "round": rnd,
+                             "fraction_pruned": FRACTION[rnd], "size_fraction": size, "test_acc": acc,
+                             "test_loss": 1 - acc, "val_acc": acc, "val_loss": 1 - acc, "best_epoch": 2,
+                             "epochs": 4, "seconds": 1.5})
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def study_params(tmp_path: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> Params:
+    """A study configured for STUDY, writing under tmp_path."""
+    return params_from_dict({
+        "paths": {"results": str(tmp_path / "results"), "reports": str(tmp_path / "reports")},
+        "prepare": {"datasets": {"alpha": {}, "beta": {}, "nat": {}, "rel": {}}},
+        "imp": {"sources": ["nat"], "rounds": 3},
+        "transfer": {"targets": ["alpha", "beta"], "sources": ["nat"], "seeds": list(seeds),
+                     "related": [{"source": "rel", "target": "alpha"}], "size_fractions": [0.5]},
+    }, "test")
+
+
+def write_study(tmp_path: Path, df: pd.DataFrame | None = None, seeds: tuple[int, ...] = (0, 1, 2)) -> Params:
+    """Write STUDY (or df) as results/transfer/<target>.csv; return the matching params."""
+    df = study_rows() if df is None else df
+    params = study_params(tmp_path, seeds)
+    out = Path(params.paths.results) / "transfer"
+    out.mkdir(parents=True, exist_ok=True)
+    for target, rows in df.groupby("target"):
+        rows.to_csv(out / f"{target}.csv", index=False)
+    return params
+
+
+@pytest.fixture
+def loaded(tmp_path: Path) -> pd.DataFrame:
+    params = write_study(tmp_path)
+    return load_results(params.paths.results, params.transfer.targets)
+
+
+def row(table: pd.DataFrame, **where) -> pd.Series:
+    """The single row of `table` matching every column=value."""
+    sel = table[(table[list(where)] == pd.Series(where)).all(axis=1)]
+    assert len(sel) == 1, f"{where}: {len(sel)} rows"
+    return sel.iloc[0]
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def test_aggregate_gives_mean_sample_std_and_seed_count_per_round(loaded: pd.DataFrame) -> None:
+    agg = aggregate(loaded)
+    r = row(agg, target="alpha", arm="transfer", source="nat", round=2)
+    assert (r.test_acc_mean, r.test_acc_std, r.n_seeds, r.fraction_pruned) == pytest.approx((0.90, 0.02, 3, 0.36))
+    assert row(agg, target="alpha", arm="transfer", source="nat", round=1).test_acc_std == pytest.approx(0.01)
+    beta = row(agg, target="beta", arm="scratch")
+    assert beta.source == ""  # written as the target's name, read as "no source"
+    assert (beta.test_acc_mean, beta.test_acc_std, beta.n_seeds) == pytest.approx((0.62, math.sqrt(0.0008), 2))
+    assert len(agg) == sum(len(v) for v in STUDY.values())
+
+
+def test_aggregate_std_is_nan_for_a_single_seed() -> None:
+    agg = aggregate(study_rows({("t", "scratch", "", 1.0): {0: [0.5]}}))
+    assert agg["n_seeds"].tolist() == [1] and math.isnan(agg["test_acc_std"].iloc[0])
+
+
+# ---------------------------------------------------------------- Tables 2 and 3
+
+
+EXPECTED_BEST = {  # (target, series): (best round, fraction pruned, best mean, winner)
+    ("alpha", "transfer_nat"): (2, 0.36, 0.90, "pruned"),
+    ("alpha", "target"): (3, 0.488, 0.85, "pruned"),
+    ("alpha", "related_rel"): (2, 0.36, 0.87, "pruned"),
+    ("alpha", "trained_nat"): (3, 0.488, 0.81, "scratch"),
+    ("alpha", "reinit"): (1, 0.2, 0.76, "scratch"),
+    ("alpha", "size_0.5"): (2, 0.36, 0.79, "scratch"),
+    ("beta", "transfer_nat"): (1, 0.2, 0.59, "scratch"),
+    ("beta", "target"): (1, 0.2, 0.64, "pruned"),
+}
+
+
+def test_table2_finds_best_pruned_round_scratch_baseline_and_winner(loaded: pd.DataFrame) -> None:
+    table = best_models(aggregate(loaded), loaded, alpha=0.05)
+    got = {(r.target, r.series): (r.best_round, r.fraction_pruned, r.best_mean, r.winner) for r in table.itertuples()}
+    assert set(got) == set(EXPECTED_BEST)
+    for key, (rnd, frac, mean, winner) in EXPECTED_BEST.items():
+        assert got[key][0] == rnd and got[key][3] == winner, key
+        assert got[key][1:3] == pytest.approx((frac, mean)), key
+    alpha_scratch = table[table["target"] == "alpha"][["scratch_mean", "scratch_std", "scratch_n"]].drop_duplicates()
+    assert alpha_scratch.values.tolist() == [pytest.approx([0.82, 0.02, 3])]
+    # rows in the paper's order: the transferred tickets first, the controls after
+    order = ["transfer", "target", "related", "trained", "reinit", "size"]
+    assert table[table["target"] == "alpha"]["arm"].tolist() == order
+    assert table["best_round"].gt(0).all()  # dense round 0 never wins
+
+
+def _welch_p_equal_variances_4_df(t: float) -> float:
+    """Two-sided p of Student's t with 4 degrees of freedom, from its closed-form CDF."""
+    u = t / math.sqrt(4 + t * t)  # the CDF with 4 df is 1/2 + (3/4) u (1 - u^2/3)
+    return 2 * (1 - (0.5 + 0.75 * u * (1 - u * u / 3)))
+
+
+def test_welch_p_value_matches_the_formula_and_marks_significance(loaded: pd.DataFrame) -> None:
+    table = best_models(aggregate(loaded), loaded, alpha=0.05)
+    r = row(table, target="alpha", series="transfer_nat")
+    # [.88 .90 .92] vs [.80 .82 .84]: equal variances 0.0004, n = 3 each -> Welch df = 4,
+    # t = 0.08 / sqrt(2 * 0.0004 / 3)
+    t = 0.08 / math.sqrt(2 * 0.0004 / 3)
+    assert r.p_value == pytest.approx(_welch_p_equal_variances_4_df(t), rel=1e-6)
+    assert r.p_value == pytest.approx(0.00805, abs=5e-5) and [r.significant, r.note] == [True, ""]
+    assert [row(table, target="alpha", series="trained_nat").significant] == [False]  # .81 vs .82: no evidence
+    strict = best_models(aggregate(loaded), loaded, alpha=0.001)
+    assert [row(strict, target="alpha", series="transfer_nat").significant] == [False]
+
+
+def test_welch_needs_two_seeds_a_side_and_says_so() -> None:
+    df = study_rows({("t", "scratch", "", 1.0): {0: [0.5]}, ("t", "target", "t", 1.0): {1: [0.6]}})
+    r = best_models(aggregate(df), df, alpha=0.05).iloc[0]
+    assert math.isnan(r.p_value) and pd.isna(r.significant) and r.note == FEW_SEEDS and r.winner == "pruned"
+
+
+def test_table3_gives_the_fraction_pruned_of_each_best_model(loaded: pd.DataFrame) -> None:
+    table3 = fraction_table(best_models(aggregate(loaded), loaded, alpha=0.05))
+    for (target, series), (rnd, frac, _, _) in EXPECTED_BEST.items():
+        r = row(table3, target=target, series=series)
+        assert (r.best_round, r.fraction_pruned, r.fraction_remaining) == pytest.approx((rnd, frac, 1 - frac))
+
+
+# ---------------------------------------------------------------- bad and partial input
+
+
+def test_missing_target_csv_is_one_line_user_error(tmp_path: Path) -> None:
+    params = write_study(tmp_path, study_rows()[lambda d: d["target"] == "alpha"])
+    with pytest.raises(UserError, match=r"no results for target beta .*transfer/beta\.csv missing.*lth transfer beta"):
+        load_results(params.paths.results, params.transfer.targets)
+    (Path(params.paths.results) / "transfer" / "beta.csv").write_text("")
+    with pytest.raises(UserError, match=r"no results for target beta .*empty.*lth transfer beta") as err:
+        build_report(params)
+    assert "\n" not in str(err.value) and not Path(params.paths.reports).exists()
+
+
+def test_missing_results_lists_absent_arms_and_dropped_seeds(loaded: pd.DataFrame, tmp_path: Path) -> None:
+    params = study_params(tmp_path)
+    assert missing_results(loaded, params).to_dict("records") == [  # alpha is complete; beta ran 2 of 3 seeds
+        *[{"target": "beta", "series": s, "rounds": r, "problem": "seed(s) 2 missing"} for s, r in [
+            ("scratch (dense)", "0"), ("ticket from nat", "0, 1, 2, 3"), ("target tickets", "0, 1, 2, 3")]],
+        {"target": "beta", "series": "target masks, reinitialised", "rounds": "all", "problem": "no results"},
+        {"target": "beta", "series": "trained weights from nat", "rounds": "all", "problem": "no results"},
+        {"target": "beta", "series": "target tickets, 50% of training set", "rounds": "all", "problem": "no results"},
+    ]
+    dropped = loaded[~((loaded["target"] == "alpha") & (loaded["arm"] == "transfer") & (loaded["seed"] == 1)
+                       & (loaded["round"] >= 2))]
+    problems = missing_results(dropped, study_params(tmp_path, seeds=(0, 1)))
+    assert problems.to_dict("records")[0] == {"target": "alpha", "series": "ticket from nat", "rounds": "2, 3",
+                                              "problem": "seed(s) 1 missing"}
+
+
+def test_partial_results_are_reported_not_fatal(tmp_path: Path) -> None:
+    df = study_rows()
+    df = df[~((df["target"] == "alpha") & (df["arm"] == "transfer") & (df["seed"] == 2))]
+    params = write_study(tmp_path, df)
+    page = build_report(params).read_text()
+    assert "Missing / partial results" in page and "seed(s) 2 missing" in page and "ticket from nat" in page
+    table2 = pd.read_csv(Path(params.paths.reports) / "table2.csv")
+    assert row(table2, target="alpha", series="transfer_nat").best_n == 2
+
+
+# ---------------------------------------------------------------- the pages and DVC files
+
+
+def test_build_report_writes_pages_tables_figures_and_dvc_metrics(tmp_path: Path) -> None:
+    params = write_study(tmp_path, seeds=(0, 1))  # beta has 2 seeds: alpha's third seed is extra, not missing
+    index = build_report(params)
+    reports, results = Path(params.paths.reports), Path(params.paths.results)
+    assert index == reports / "index.html"
+    figures = sorted(p.name for p in (reports / "figures").iterdir())
+    assert figures == ["fig3_alpha.png", "fig3_beta.png", "fig4_related_alpha.png", "fig4_size_alpha.png",
+                       "fig4_trained_alpha.png"]
+    for name in figures:
+        with Image.open(reports / "figures" / name) as img:
+            img.verify()
+        assert (reports / "figures" / name).stat().st_size > 10_000
+    page, md = index.read_text(), (reports / "report.md").read_text()
+    for text in (page, md):
+        assert "Table 2" in text and "Table 3" in text and "Missing / partial results" in text
+        assert all(f"figures/{name}" in text for name in figures)
+        assert "★ 90.00 ± 2.00 % (n=3)" in text and "82.00 ± 2.00 % (n=3)" in text and "0.00805" in text
+        assert "rewind_epoch" in text and "size_fractions" in text  # the study's parameters
+    assert "reinitialised" in page and "no results" in page  # beta's absent arms, listed
+    assert len(pd.read_csv(reports / "table2.csv")) == len(EXPECTED_BEST) == len(pd.read_csv(reports / "table3.csv"))
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["alpha"]["scratch_test_acc"] == pytest.approx(0.82)
+    assert summary["alpha"]["best_transfer_nat_test_acc"] == pytest.approx(0.90)
+    assert summary["alpha"]["best_size_0.5_fraction_pruned"] == pytest.approx(0.36)
+    assert summary["beta"]["best_target_test_acc"] == pytest.approx(0.64)
+    plots = pd.read_csv(results / "plots" / "alpha.csv")
+    assert {"arm_source", "fraction_pruned", "test_acc_mean"} <= set(plots.columns)
+    assert row(plots, arm_source="transfer_nat", round=2).test_acc_mean == pytest.approx(0.90)
+    assert not list(reports.rglob("*.tmp")) and not list(results.rglob("*.tmp"))
+
+
+def test_report_command_prints_where_and_table2(tmp_path: Path) -> None:
+    params = write_study(tmp_path)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(to_dict(params)))
+    result = CliRunner().invoke(cli, ["report", "--params", str(params_file)])
+    assert result.exit_code == 0, result.output
+    assert "index.html" in result.output and "transfer_nat" in result.output and "winner=pruned" in result.output
