@@ -119,7 +119,7 @@ def _train_round(
         best = result.best
         metrics = {
             "test_acc": test.acc, "test_loss": test.loss, "sparsity": frac, "best_epoch": result.best_epoch,
-            "epochs": len(result.history),
+            "epochs": len(result.history), "seconds": sum(m.seconds for m in result.history),
             "val_acc": best.val_acc if best else float("nan"), "val_loss": best.val_loss if best else float("nan"),
         }
         run.log_metrics(metrics)
