@@ -284,6 +284,28 @@ def test_tickets_cli_lists_and_fetches(study: dict[str, Any], tmp_path: Path) ->
     assert isinstance(bad.exception, UserError) and "available sparsities" in str(bad.exception)
 
 
+def test_a_bad_ticket_request_is_one_line_on_stderr_and_exit_2(
+        study: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import sys
+
+    import yaml
+
+    from lth.cli import main
+    from lth.config import to_dict
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(to_dict(study["params"])))
+    argv = ["lth", "tickets", "fetch", "--source", "nope", "--sparsity", "0.2", "-o", str(tmp_path / "x"),
+            "--params", str(params_file)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exited:
+        main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("lth: error: no tickets registered for source 'nope'") and "known sources: toy" in err
+    assert not (tmp_path / "x").exists()
+
+
 def test_registration_can_be_turned_off(tmp_path: Path) -> None:
     write_toy(tmp_path / "data")
     params = tiny_params(tmp_path, rounds=1, register=False)

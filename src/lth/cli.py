@@ -133,3 +133,7 @@ if __name__ == "__main__":
 from lth.cli_report import report  # noqa: E402
 
 cli.add_command(report)
+
+from lth.cli_tickets import tickets  # noqa: E402
+
+cli.add_command(tickets)

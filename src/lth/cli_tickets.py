@@ -19,7 +19,7 @@ def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> list[str]:
     """Aligned text table lines (header first)."""
     cells = [[f"{r[c]:.4f}" if c == "sparsity" else str(r[c]) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
     return lines
 

@@ -16,22 +16,22 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol, TypeVar
 
+import requests  # a dependency of mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from lth.config import Params, TrackingConfig
 from lth.errors import UserError
+from lth.provenance import git_commit
 from lth.tickets import TicketMeta
 
 T = TypeVar("T")
 PARENT_TAG = "mlflow.parentRunId"
 JOB_KEY_TAG = "lth.job_key"
 TICKET_ARTIFACTS = "ticket"  # run artifact folder holding the ticket directory
-MAX_PARAM_LEN = 6000  # MLflow's param value limit
-MAX_TAG_LEN = 8000  # MLflow's tag value limit
-METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
-PARAMS_TAGS_PER_BATCH = 100
+MAX_PARAM_LEN, MAX_TAG_LEN = 6000, 8000  # MLflow's value limits
+METRICS_PER_BATCH, PARAMS_TAGS_PER_BATCH = 1000, 100  # MLflow's log_batch limits
 
 
 class Run(Protocol):
@@ -40,11 +40,8 @@ class Run(Protocol):
     run_id: str | None
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
-
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
-
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
-
     def log_artifacts(self, local_dir: Path, artifact_path: str) -> None: ...
 
 
@@ -52,9 +49,7 @@ class Tracker(Protocol):
     """Opens parent and nested runs and registers tickets."""
 
     def job(self, experiment: str, run_name: str, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> contextlib.AbstractContextManager[Run]: ...
-
     def child(self, parent: Run, run_name: str, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> contextlib.AbstractContextManager[Run]: ...
-
     def register_ticket(self, run: Run, ticket_dir: Path, meta: TicketMeta) -> None: ...
 
 
@@ -93,7 +88,6 @@ class NullTracker:
 
 # ---------------------------------------------------------------- the store: URI, client, error handling
 
-
 def tracking_uri(cfg: TrackingConfig) -> str:
     """tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///<absolute cwd>/mlflow.db."""
     # Absolute, because `dvc exp run` works in a temporary copy that a relative URI would point into.
@@ -116,8 +110,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast (UserError) when an http(s) tracking server does not answer GET /health."""
     if not _is_http(uri):
         return
-    import requests  # a dependency of mlflow
-
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout)
     except requests.RequestException as exc:
@@ -125,8 +117,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def _unreachable(uri: str, exc: BaseException) -> str:
-    reason = type(exc).__name__
-    return (f"MLflow tracking server {redact(uri)} unreachable: {reason}; start it (mlflow server) "
+    return (f"MLflow tracking server {redact(uri)} unreachable: {type(exc).__name__}; start it (mlflow server) "
             "or unset MLFLOW_TRACKING_URI / tracking.uri")
 
 
@@ -172,8 +163,6 @@ class Store:
                 message = _s3_problem(exc, "MLflow artifacts")
                 if message is not None:
                     raise UserError(message) from None
-                import requests
-
                 if isinstance(exc, requests.ConnectionError):
                     raise UserError(_unreachable(self.uri, exc)) from None
                 raise
@@ -213,7 +202,8 @@ class Store:
         from botocore.config import Config
 
         bucket = location[len("s3://"):].split("/", 1)[0]
-        s3 = boto3.client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL"),
+        # A fresh session: the default one caches credentials it found earlier in this process.
+        s3 = boto3.session.Session().client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL"),
                           config=Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 1}))
         try:
             s3.head_bucket(Bucket=bucket)
@@ -225,21 +215,12 @@ class Store:
         self._checked_s3.add(location)
 
 
-def _text(value: Any, limit: int) -> str:
-    return str(value)[:limit]
-
-
 def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 # ---------------------------------------------------------------- runs
-
 
 class MlflowRun:
     """One MLflow run addressed by id; metrics are buffered and sent with log_batch."""
@@ -258,7 +239,7 @@ class MlflowRun:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params once (values stringified, cut to MLflow's limit); keys already logged are skipped."""
         have = self.store.call(self.store.client.get_run, self.run_id).data.params
-        items = [Param(k, _text(v, MAX_PARAM_LEN)) for k, v in params.items() if k not in have]
+        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in have]
         for chunk in _chunks(items, PARAMS_TAGS_PER_BATCH):
             self.store.call(self.store.client.log_batch, self.run_id, params=chunk)
 
@@ -267,7 +248,7 @@ class MlflowRun:
         # Without a step, a value is a summary: log it at the last step so it becomes the run's latest value.
         step = self._last_step if step is None else step
         self._last_step = max(self._last_step, step)
-        ts = _now_ms()
+        ts = int(time.time() * 1000)
         self._metrics.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
         if len(self._metrics) >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
@@ -281,7 +262,7 @@ class MlflowRun:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set tags (values cut to MLflow's limit)."""
-        items = [RunTag(k, _text(v, MAX_TAG_LEN)) for k, v in tags.items()]
+        items = [RunTag(k, str(v)[:MAX_TAG_LEN]) for k, v in tags.items()]
         for chunk in _chunks(items, PARAMS_TAGS_PER_BATCH):
             self.store.call(self.store.client.log_batch, self.run_id, tags=chunk)
 
@@ -303,8 +284,6 @@ def _quote(value: str) -> str:
 
 
 def _provenance_tags() -> dict[str, str]:
-    from lth.provenance import git_commit
-
     commit = git_commit()
     return {"lth.git_commit": commit, "mlflow.source.git.commit": commit.split("+")[0]} if commit else {}
 
@@ -315,17 +294,7 @@ class MlflowTracker:
     def __init__(self, cfg: TrackingConfig, *, flush_every: int = 500, flush_seconds: float = 10.0) -> None:
         self.cfg = cfg
         self.store = Store(cfg)
-        self.flush_every = flush_every
-        self.flush_seconds = flush_seconds
-
-    @property
-    def uri(self) -> str:
-        """The tracking URI in use."""
-        return self.store.uri
-
-    def _run(self, run_id: str, tags: Mapping[str, str]) -> MlflowRun:
-        return MlflowRun(self.store, run_id, tags=tags, flush_every=self.flush_every,
-                         flush_seconds=self.flush_seconds)
+        self._run_options: dict[str, Any] = {"flush_every": flush_every, "flush_seconds": flush_seconds}
 
     def _search(self, exp_id: str, where: str) -> list[Any]:
         return self.store.call(self.store.client.search_runs, [exp_id], filter_string=where,
@@ -362,7 +331,7 @@ class MlflowTracker:
             self.store.call(self.store.client.update_run, run_id, status="RUNNING")
         else:
             run_id = self.store.call(self.store.client.create_run, exp_id, run_name=run_name).info.run_id
-        run = self._run(run_id, tags)
+        run = MlflowRun(self.store, run_id, tags=tags, **self._run_options)
         run.set_tags(all_tags)
         run.log_params(params)
         with self._lifetime(run):
@@ -381,7 +350,7 @@ class MlflowTracker:
                 self.store.call(self.store.client.set_terminated, old.info.run_id, "FAILED")
         run_id = self.store.call(self.store.client.create_run, exp_id, run_name=run_name,
                                  tags={PARENT_TAG: parent.run_id}).info.run_id
-        run = self._run(run_id, parent.tags)
+        run = MlflowRun(self.store, run_id, tags=parent.tags, **self._run_options)
         run.set_tags(parent.tags | dict(tags) | _provenance_tags() | {"mlflow.runName": run_name})
         run.log_params(params)
         with self._lifetime(run):
