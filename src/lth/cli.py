@@ -134,6 +134,10 @@ from lth.cli_report import report  # noqa: E402
 
 cli.add_command(report)
 
+from lth.cli_tune import tune  # noqa: E402
+
+cli.add_command(tune)
+
 from lth.cli_tickets import tickets  # noqa: E402
 
 cli.add_command(tickets)

@@ -1,0 +1,167 @@
+"""`lth tune`: a resumable Optuna study over the rewind epoch and the learning rate, tickets cached per rewind epoch."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import optuna
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from lth import tune as tune_mod
+from lth.cli import cli
+from lth.config import Params, TrackingConfig, TuneConfig, params_from_dict, to_dict
+from lth.errors import UserError
+from lth.tickets import load_ticket, ticket_dir
+from lth.tracking import NullTracker, get_tracker
+from lth.tune import run_tune
+
+TUNE = {"source": "fashion-mnist", "target": "digits", "round": 1, "rewind_epochs": (0, 1),
+        "lr_range": (0.01, 0.1), "seed": 0, "study_name": "t", "max_epochs": 2}
+
+
+@pytest.fixture
+def tiny(study: Params) -> Iterator[Params]:
+    """The conftest study cut to 2 epochs, IMP round 1 only, a 2-value rewind range, one CPU thread."""
+    threads = torch.get_num_threads()  # fit() sets train.threads process-wide; give it back afterwards
+    yield replace(study, train=replace(study.train, max_epochs=2, patience=5, threads=1),
+                  imp=replace(study.imp, rounds=1, keep_epochs=1), tune=TuneConfig(n_trials=3, **TUNE))
+    torch.set_num_threads(threads)
+
+
+def _with_trials(params: Params, n: int) -> Params:
+    return replace(params, tune=replace(params.tune, n_trials=n))
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[Any]:
+    """Record the job passed to each call of lth.tune.<name> (a wrapper around the real function)."""
+    calls: list[Any] = []
+    real = getattr(tune_mod, name)
+
+    def spy(job: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(job)
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(tune_mod, name, spy)
+    return calls
+
+
+def test_run_then_resume_adds_trials_and_reuses_tickets(tiny: Params, monkeypatch: pytest.MonkeyPatch) -> None:
+    imp_calls = _count_calls(monkeypatch, "run_imp")
+    first = run_tune("fashion-mnist", "digits", tiny)
+    assert len(first.trials) == 3
+    again = run_tune("fashion-mnist", "digits", tiny)  # same total: nothing to add
+    assert len(again.trials) == 3
+    result = run_tune("fashion-mnist", "digits", _with_trials(tiny, 5))
+
+    study = optuna.load_study(study_name="t", storage=tune_mod.storage_url(tiny))
+    assert len(study.trials) == 5 and all(t.state.is_finished() for t in study.trials)
+    assert Path(tiny.paths.results, "tune", "optuna.db").is_file()
+    # each trial reported its validation accuracy after every epoch it trained
+    for t in study.trials:
+        assert sorted(t.intermediate_values) == list(range(1, len(t.intermediate_values) + 1))
+        assert 1 <= len(t.intermediate_values) <= 2
+    # one dense run, then IMP once per distinct rewind epoch: trials differing only in lr reused the ticket
+    rewinds = {t.params["rewind_epoch"] for t in study.trials}
+    assert len(imp_calls) == 1 + len(rewinds)
+    assert [j.rounds for j in imp_calls] == [0] + [1] * len(rewinds)
+    cached = sorted(p.name for p in Path(tiny.paths.models, "tune").iterdir())
+    assert cached == sorted(f"rewind{e}" for e in rewinds)
+    for e in rewinds:
+        meta = yaml.safe_load(Path(tiny.paths.models, "tune", f"rewind{e}", "tickets", "fashion-mnist", "seed0",
+                                   "round01", "ticket.json").read_text())
+        assert meta["rewind_epoch"] == e and meta["round"] == 1 and meta["sparsity"] == pytest.approx(0.2, abs=0.01)
+
+    best = yaml.safe_load(result.best_path.read_text())
+    assert set(best) == {"imp", "transfer"}
+    assert 0 <= best["imp"]["rewind_epoch"] <= 1 and 0.01 <= best["transfer"]["lr"] <= 0.1
+    assert best["imp"]["rewind_epoch"] == result.rewind_epoch and best["transfer"]["lr"] == result.lr
+    assert result.val_acc == max(t.value for t in study.trials if t.value is not None)
+    # best.yaml merges into params.yaml: the result still validates
+    merged = to_dict(tiny)
+    merged["imp"]["rewind_epoch"] = best["imp"]["rewind_epoch"]
+    merged["transfer"]["lr"] = best["transfer"]["lr"]
+    assert params_from_dict(merged).transfer.lr == result.lr
+    assert result.trials_path.read_text().count("\n") == 6  # header + 5 trials
+
+
+class _PruneAfterFirst(optuna.pruners.BasePruner):
+    """Lets trial 0 finish, prunes every later trial at its first report."""
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return trial.number >= 1
+
+
+def test_pruned_trials_stop_training_and_are_tracked(tiny: Params, tmp_path: Path) -> None:
+    params = replace(_with_trials(tiny, 2), tracking=TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", register=True))
+    result = run_tune("fashion-mnist", "digits", params, get_tracker(params), pruner=_PruneAfterFirst())
+    states = [row["state"] for row in result.trials]
+    assert states == ["COMPLETE", "PRUNED"]
+    assert [row["epochs"] for row in result.trials] == [2, 1]  # fit stopped at the pruned epoch
+    assert result.best_trial == 0
+
+    client = MlflowClient(params.tracking.uri)
+    exp = client.get_experiment_by_name("tune/digits")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.run_name for r in parents] == ["tune fashion-mnist->digits t"]
+    trials = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id),
+                    key=lambda r: int(r.data.params["trial"]))
+    assert [r.info.run_name for r in trials] == ["tune t t000", "tune t t001"]
+    assert [r.data.tags["optuna.state"] for r in trials] == states
+    assert {"rewind_epoch", "lr", "trial"} <= set(trials[0].data.params)
+    curve = client.get_metric_history(trials[0].info.run_id, "val_acc")
+    assert [m.step for m in curve] == [1, 2]
+    # tune's per-rewind tickets are not the study's: nothing of theirs is in the registry
+    versions = client.search_model_versions("name = 'ticket-fashion-mnist-resnet8w4'")
+    assert {v.tags["round"] for v in versions} == {"0"}
+
+
+def test_cli_prints_table_and_best(tiny: Params, tmp_path: Path) -> None:
+    raw = to_dict(tiny)  # tune.n_trials: 3
+    raw["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = CliRunner().invoke(cli, ["tune", "fashion-mnist", "digits", "--params", str(path), "--n-trials", "1",
+                                   "--study-name", "cli"], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    assert "rewind_epoch" in out.output and "best: trial" in out.output
+    study = optuna.load_study(study_name="cli", storage=tune_mod.storage_url(tiny))
+    assert len(study.trials) == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"source": "nope"}, "nope"),
+    ({"target": "bio-textures"}, "not prepared"),
+    ({"storage": "not a url"}, "not a database URL"),
+    ({"storage": "postgresql://u:secret@127.0.0.1:1/db"}, "unusable"),
+    ({"rewind_epochs": (0, 2)}, "imp.keep_epochs"),
+])
+def test_bad_input_is_one_line_before_training(tiny: Params, change: dict, message: str) -> None:
+    cfg = {**TUNE, **change}
+    source, target = cfg.pop("source"), cfg.pop("target")
+    params = replace(tiny, tune=TuneConfig(source=source, target=target, **cfg))
+    with pytest.raises(UserError, match=message) as err:
+        run_tune(source, target, params)
+    assert "\n" not in str(err.value) and "secret" not in str(err.value)
+    assert not Path(tiny.paths.models, "tickets").exists()  # nothing trained
+
+
+def test_round0_ticket_is_the_dense_run_rewound(tiny: Params) -> None:
+    params = replace(tiny, tune=replace(tiny.tune, round=0))
+    tune_mod.ensure_dense("fashion-mnist", params, NullTracker())
+    # the study's own round-0 ticket is rewound to imp.rewind_epoch (1): used as it is
+    assert tune_mod.ensure_ticket("fashion-mnist", 1, params, NullTracker()) == Path(params.paths.models)
+    root = tune_mod.ensure_ticket("fashion-mnist", 0, params, NullTracker())
+    assert root == Path(params.paths.models, "tune", "rewind0")
+    ticket = load_ticket(ticket_dir(root, "fashion-mnist", 0, 0))
+    dense = load_file(str(Path(params.paths.models, "tickets", "fashion-mnist", "seed0", "dense",
+                               "epoch00.safetensors")))
+    assert ticket.meta.rewind_epoch == 0 and ticket.meta.sparsity == 0
+    assert all(torch.equal(ticket.weights[k], dense[k]) for k in dense)
