@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from lth import tune as tune_mod
+from lth import tune_tickets
 from lth.cli import cli
 from lth.config import Params, TrackingConfig, TuneConfig, params_from_dict, to_dict
 from lth.errors import UserError
@@ -39,21 +40,21 @@ def _with_trials(params: Params, n: int) -> Params:
     return replace(params, tune=replace(params.tune, n_trials=n))
 
 
-def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[Any]:
-    """Record the job passed to each call of lth.tune.<name> (a wrapper around the real function)."""
+def _spy_run_imp(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Record the job of each IMP run that tune starts (the real run_imp still runs)."""
     calls: list[Any] = []
-    real = getattr(tune_mod, name)
+    real = tune_tickets.run_imp
 
     def spy(job: Any, *args: Any, **kwargs: Any) -> Any:
         calls.append(job)
         return real(job, *args, **kwargs)
 
-    monkeypatch.setattr(tune_mod, name, spy)
+    monkeypatch.setattr(tune_tickets, "run_imp", spy)
     return calls
 
 
 def test_run_then_resume_adds_trials_and_reuses_tickets(tiny: Params, monkeypatch: pytest.MonkeyPatch) -> None:
-    imp_calls = _count_calls(monkeypatch, "run_imp")
+    imp_calls = _spy_run_imp(monkeypatch)
     first = run_tune("fashion-mnist", "digits", tiny)
     assert len(first.trials) == 3
     again = run_tune("fashion-mnist", "digits", tiny)  # same total: nothing to add
@@ -71,10 +72,10 @@ def test_run_then_resume_adds_trials_and_reuses_tickets(tiny: Params, monkeypatc
     rewinds = {t.params["rewind_epoch"] for t in study.trials}
     assert len(imp_calls) == 1 + len(rewinds)
     assert [j.rounds for j in imp_calls] == [0] + [1] * len(rewinds)
-    cached = sorted(p.name for p in Path(tiny.paths.models, "tune").iterdir())
-    assert cached == sorted(f"rewind{e}" for e in rewinds)
+    cached = sorted(p.name for p in Path(tiny.paths.models, "tune", "t").iterdir())
+    assert cached == sorted(f"rewind{e}" for e in rewinds) + ["settings.json"]
     for e in rewinds:
-        meta = yaml.safe_load(Path(tiny.paths.models, "tune", f"rewind{e}", "tickets", "fashion-mnist", "seed0",
+        meta = yaml.safe_load(Path(tiny.paths.models, "tune", "t", f"rewind{e}", "tickets", "fashion-mnist", "seed0",
                                    "round01", "ticket.json").read_text())
         assert meta["rewind_epoch"] == e and meta["round"] == 1 and meta["sparsity"] == pytest.approx(0.2, abs=0.01)
 
@@ -99,7 +100,8 @@ class _PruneAfterFirst(optuna.pruners.BasePruner):
 
 
 def test_pruned_trials_stop_training_and_are_tracked(tiny: Params, tmp_path: Path) -> None:
-    params = replace(_with_trials(tiny, 2), tracking=TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", register=True))
+    tracking = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", register=True)
+    params = replace(_with_trials(tiny, 2), tracking=tracking)
     result = run_tune("fashion-mnist", "digits", params, get_tracker(params), pruner=_PruneAfterFirst())
     states = [row["state"] for row in result.trials]
     assert states == ["COMPLETE", "PRUNED"]
@@ -159,9 +161,23 @@ def test_round0_ticket_is_the_dense_run_rewound(tiny: Params) -> None:
     # the study's own round-0 ticket is rewound to imp.rewind_epoch (1): used as it is
     assert tune_mod.ensure_ticket("fashion-mnist", 1, params, NullTracker()) == Path(params.paths.models)
     root = tune_mod.ensure_ticket("fashion-mnist", 0, params, NullTracker())
-    assert root == Path(params.paths.models, "tune", "rewind0")
+    assert root == Path(params.paths.models, "tune", "t", "rewind0")
     ticket = load_ticket(ticket_dir(root, "fashion-mnist", 0, 0))
     dense = load_file(str(Path(params.paths.models, "tickets", "fashion-mnist", "seed0", "dense",
                                "epoch00.safetensors")))
     assert ticket.meta.rewind_epoch == 0 and ticket.meta.sparsity == 0
     assert all(torch.equal(ticket.weights[k], dense[k]) for k in dense)
+
+
+def test_study_resumes_only_under_its_own_settings(tiny: Params) -> None:
+    run_tune("fashion-mnist", "digits", _with_trials(tiny, 1))
+    changed = replace(tiny, train=replace(tiny.train, lr=0.2))
+    with pytest.raises(UserError, match=r"study 't' .* other settings \(train.lr\).*new name"):
+        run_tune("fashion-mnist", "digits", changed)
+    renamed = replace(changed, tune=replace(changed.tune, study_name="t2", n_trials=1))
+    assert len(run_tune("fashion-mnist", "digits", renamed).trials) == 1  # a new study, its own ticket cache
+    assert Path(tiny.paths.models, "tune", "t2", "settings.json").is_file()
+    # a cache left behind by a deleted study of the same name is not silently reused
+    Path(tiny.paths.results, "tune", "optuna.db").unlink()
+    with pytest.raises(UserError, match=r"ticket cache .*tune/t was started with other settings \(train.lr\)"):
+        run_tune("fashion-mnist", "digits", changed)

@@ -2,24 +2,22 @@
 
 The only module that imports optuna. Every trial shares the source's one dense run (its early
 checkpoints are the rewind points); the ticket of round `tune.round` is computed once per rewind epoch
-into models/tune/rewind<e>/ (laid out like models/, so `transfer.initial_network` reads it unchanged),
-so trials that differ only in learning rate reuse it. `tune.n_trials` is the number of finished
-(complete or pruned) trials the study should have: a rerun adds only the missing ones, and raising
-it resumes the same study with more trials.
+(lth.tune_tickets), so trials that differ only in learning rate reuse it. `tune.n_trials` is the number of
+finished (complete or pruned) trials the study should have: a rerun adds only the missing ones, and
+raising it resumes the same study with more trials. A study (and its ticket cache) resumes only under
+the settings it was started with, so that its trials stay comparable.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import optuna
 import sqlalchemy.exc
 import yaml
-from safetensors.torch import load_file
 from sqlalchemy.engine import make_url
 
 from lth.config import Params, flatten
@@ -28,17 +26,17 @@ from lth.data.registry import get_spec
 from lth.data.store import PreparedDataset, load_prepared, read_meta
 from lth.errors import UserError
 from lth.fsutil import atomic_write_text
-from lth.imp import dense_checkpoint, make_job, run_imp
-from lth.tickets import META, TicketMeta, load_ticket, read_meta as read_ticket_meta, save_ticket, ticket_dir
 from lth.tracking import NullTracker, Run, Tracker
 from lth.training import EpochMetrics, fit
 from lth.transfer import FineTune, initial_network
+from lth.tune_tickets import check_settings, claim_cache, ensure_dense, ensure_ticket, study_settings
 
 PRUNER_STARTUP_TRIALS = 3  # trials that always run to the end before the median pruner may stop one
 PRUNER_WARMUP_EPOCHS = 1  # never prune after the first epoch: a fresh head's first accuracy says little
 HEARTBEAT_S = 60  # a trial whose process died is marked FAIL this long (+ grace) after its last heartbeat
 GRACE_S = 180
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+SETTINGS_ATTR = "lth.settings"
 
 
 @dataclass(frozen=True)
@@ -80,8 +78,9 @@ def _shown(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def open_study(params: Params, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
-    """The study tune.study_name in its storage, created or loaded (resumed)."""
+def open_study(source: str, target: str, params: Params,
+               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+    """The study tune.study_name in its storage, created or loaded (resumed) when its settings match."""
     url = storage_url(params)
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5.0, and what resuming needs
@@ -94,62 +93,16 @@ def open_study(params: Params, pruner: optuna.pruners.BasePruner | None = None) 
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"Optuna storage {_shown(url)} unusable: {reason}") from None
+    settings = study_settings(source, target, params)
+    if SETTINGS_ATTR not in study.user_attrs:
+        study.set_user_attr(SETTINGS_ATTR, settings)
+    check_settings(study.user_attrs[SETTINGS_ATTR], settings, f"study {study.study_name!r} in {_shown(url)}",
+                    "give tune.study_name (--study-name) a new name, or delete that study")
     # Seeded by how far the study got, so a resumed study does not replay its first trials' samples.
     done = len(study.trials)
     study.sampler = optuna.samplers.TPESampler(seed=params.tune.seed + done,
                                                n_startup_trials=max(1, min(10, params.tune.n_trials // 2)))
     return study
-
-
-class _TuneImpTracker:
-    """IMP for one rewind epoch: logged under its own parent run, never registered (not the study's tickets)."""
-
-    def __init__(self, inner: Tracker, rewind_epoch: int) -> None:
-        self.inner = inner
-        self.rewind_epoch = rewind_epoch
-
-    def job(self, experiment: str, run_name: str, *, params: Mapping[str, Any],
-            tags: Mapping[str, str]) -> contextlib.AbstractContextManager[Run]:
-        """The parent run, named after the rewind epoch so it is not mistaken for the study's IMP job."""
-        return self.inner.job(experiment, f"{run_name} tune-rewind{self.rewind_epoch}", params=params,
-                              tags={**tags, "lth.tune": "true"})
-
-    def child(self, parent: Run, run_name: str, *, params: Mapping[str, Any],
-              tags: Mapping[str, str]) -> contextlib.AbstractContextManager[Run]:
-        """One round, as usual."""
-        return self.inner.child(parent, run_name, params=params, tags=tags)
-
-    def register_ticket(self, run: Run, ticket_dir: Path, meta: TicketMeta) -> None:
-        """Not registered: the registry holds the study's tickets only."""
-
-
-def ensure_dense(source: str, params: Params, tracker: Tracker) -> None:
-    """The source's dense run (round 0 + checkpoints of every rewind epoch), trained if missing."""
-    job = make_job(source, params.tune.seed, params, rounds=0)
-    hi = params.tune.rewind_epochs[1]
-    have = (ticket_dir(params.paths.models, source, job.seed, 0) / META).is_file()
-    if not (have and all(dense_checkpoint(job, e).is_file() for e in range(hi + 1))):
-        run_imp(job, params, tracker)
-
-
-def ensure_ticket(source: str, rewind_epoch: int, params: Params, tracker: Tracker) -> Path:
-    """The models root (models/tune/rewind<e>) holding the round-`tune.round` ticket rewound to `rewind_epoch`."""
-    seed, round_ = params.tune.seed, params.tune.round
-    study_ticket = ticket_dir(params.paths.models, source, seed, round_)
-    if (study_ticket / META).is_file() and read_ticket_meta(study_ticket).rewind_epoch == rewind_epoch:
-        return Path(params.paths.models)  # `lth imp` already found this very ticket
-    root = Path(params.paths.models) / "tune" / f"rewind{rewind_epoch}"
-    target = ticket_dir(root, source, seed, round_)
-    if (target / META).is_file():
-        return root  # cached: computed by an earlier trial with this rewind epoch
-    job = make_job(source, seed, params, rewind_epoch=rewind_epoch, rounds=round_, out_dir=target.parent)
-    if round_ == 0:  # the dense network itself, rewound to this trial's epoch
-        dense = load_ticket(ticket_dir(params.paths.models, source, seed, 0))
-        save_ticket(target, replace(dense.meta, rewind_epoch=rewind_epoch),
-                    load_file(str(dense_checkpoint(job, rewind_epoch))), dense.mask)
-    else:
-        run_imp(job, params, _TuneImpTracker(tracker, rewind_epoch))
-    return root
 
 
 class _Objective:
@@ -245,7 +198,8 @@ def run_tune(source: str, target: str, params: Params, tracker: Tracker | None =
     tracker = tracker or NullTracker()
     cfg = params.tune
     check_inputs(source, target, params)
-    study = open_study(params, pruner)
+    study = open_study(source, target, params, pruner)
+    claim_cache(params, study_settings(source, target, params))
     data = load_prepared(params.paths.data, target)
     job_params = {k: v for k, v in flatten(cfg, "tune").items() if k != "tune.n_trials"}  # same parent on resume
     job_params |= {"tune.storage": _shown(storage_url(params)), "source": source, "target": target}
