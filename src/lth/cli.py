@@ -134,6 +134,11 @@ from lth.cli_report import report  # noqa: E402
 
 cli.add_command(report)
 
+from lth.cli_data import build, pull  # noqa: E402
+
+cli.add_command(pull)
+cli.add_command(build)
+
 from lth.cli_tune import tune  # noqa: E402
 
 cli.add_command(tune)

@@ -45,11 +45,15 @@ class DatasetParams:
     val: int | None = None  # max validation images
     test: int | None = None  # max test images
     path: str | None = None  # a user's copy (folder / WikiArt manifest), when the origin needs one
+    crop_zoom: int | None = None  # `lth pull cytomine`: zoom level of the dumped crops (None: full resolution)
+    crop_max_size: int | None = None  # `lth pull cytomine`: longest side of a dumped crop, px (None: as annotated)
 
     def __post_init__(self) -> None:
         for name in ("train", "val", "test"):
             value = getattr(self, name)
             _check(value is None or value >= 1, name, "must be a positive number of images or null")
+        _check(self.crop_zoom is None or self.crop_zoom >= 0, "crop_zoom", "must be a zoom level >= 0 or null")
+        _check(self.crop_max_size is None or self.crop_max_size >= 8, "crop_max_size", "must be >= 8 px or null")
 
 
 @dataclass(frozen=True)

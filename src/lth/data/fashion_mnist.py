@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from lth.config import DatasetParams
+from lth.data.downloads import torchvision_fetch
 from lth.data.registry import RawDataset
-from lth.data.splits import stratified_split
+from lth.data.splits import holdout
 from lth.errors import UserError
 from lth.fsutil import sha256_file
 
@@ -55,17 +56,18 @@ def _has_files(folder: Path) -> bool:
 
 
 def _download(raw_dir: Path) -> Path:
-    """torchvision's download into raw_dir; returns the folder with the gz files."""
-    from torchvision.datasets import FashionMNIST
+    """torchvision's download (checksums verified) into raw_dir; returns the folder with the gz files."""
 
-    try:
-        FashionMNIST(root=str(raw_dir), train=True, download=True)
-    except Exception as exc:  # torchvision raises URLError/RuntimeError/OSError depending on what failed
-        raise UserError(
-            f"dataset 'fashion-mnist': not found in {DEBIAN_DIR} and download failed ({type(exc).__name__}); "
-            "run `apt-get install dataset-fashion-mnist`, set prepare.datasets.fashion-mnist.path to a folder "
-            "with the IDX .gz files, or connect to the network"
-        ) from None
+    def fetch(root: Path) -> None:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(root=str(root), train=True, download=True)
+
+    hint = (
+        f"not found in {DEBIAN_DIR} either; run `apt-get install dataset-fashion-mnist`, set "
+        "prepare.datasets.fashion-mnist.path to a folder with the IDX .gz files, or connect to the network"
+    )
+    torchvision_fetch("fashion-mnist", fetch, raw_dir, hint)
     return raw_dir / "FashionMNIST" / "raw"
 
 
@@ -95,10 +97,7 @@ def load(dparams: DatasetParams, seed: int, raw_dir: Path) -> RawDataset:
             raise UserError(f"{folder}: {split} has {n_img} images but {n_lab} labels; replace the files")
     train_x, train_y = arrays["train_images"], arrays["train_labels"].astype(np.int64)
     val_size = dparams.val if dparams.val is not None else DEFAULT_VAL
-    if val_size >= len(train_y):
-        raise UserError(f"dataset 'fashion-mnist': val={val_size} leaves no training images; lower it")
-    (val_idx,) = stratified_split(train_y, [val_size], seed)
-    train_idx = np.setdiff1d(np.arange(len(train_y)), val_idx, assume_unique=True)
+    train_idx, val_idx = holdout(train_y, val_size, seed, "fashion-mnist")
     return RawDataset(
         class_names=CLASS_NAMES,
         splits={

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import click
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -12,37 +13,63 @@ from tqdm import tqdm
 
 from lth.config import DatasetParams, Params, to_dict
 from lth.data import store
-from lth.data.registry import RawDataset, get_origin, get_spec
+from lth.data.registry import RawDataset, get_origin, get_spec, paper_mismatches
 from lth.data.splits import SPLIT_NAMES, subset
 
 RESIZE = "bilinear, antialiased (torch.nn.functional.interpolate on CPU)"
-_CHUNK = 4096  # images resized at once: bounds memory at 224 px while keeping torch's kernels busy
+_CHUNK_BYTES = 1 << 28  # float32 bytes resized at once: bounds memory at 224 px while keeping torch's kernels busy
+_PULL_ONLY = ("crop_zoom", "crop_max_size")  # DatasetParams that only `lth pull` reads
 
 
-def to_square_rgb(images: np.ndarray, size: int, desc: str = "resize") -> np.ndarray:
-    """uint8 [N,H,W] or [N,H,W,C] -> uint8 [N,3,size,size]; grey is repeated to 3 channels."""
-    if images.ndim == 3:
-        images = images[..., None]
+def _chunk(size: int) -> int:
+    return max(1, min(4096, _CHUNK_BYTES // (4 * 3 * size * size)))
+
+
+def _resize_batch(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [B,H,W,C] (C in 1, 3, 4) -> uint8 [B,3,size,size]."""
+    batch = torch.from_numpy(np.ascontiguousarray(images[..., :3])).permute(0, 3, 1, 2).float()  # drop alpha
+    if batch.shape[-2:] != (size, size):
+        # antialias makes downscaling average the source pixels (like area) instead of aliasing;
+        # CPU interpolation computes each output pixel independently, so results are bit-reproducible
+        with torch.no_grad():
+            batch = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    batch = batch.round_().clamp_(0, 255).to(torch.uint8)
+    if batch.shape[1] == 1:
+        batch = batch.expand(-1, 3, -1, -1)  # grey sources feed the same 3-channel networks as RGB ones
+    return batch.numpy()
+
+
+def _with_channels(images: np.ndarray) -> np.ndarray:
+    images = images[..., None] if images.ndim == 3 else images
     if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
         raise ValueError(f"expected [N,H,W] or [N,H,W,C] images, got shape {images.shape}")
-    images = images[..., :3]  # drop alpha
-    out = np.empty((len(images), 3, size, size), dtype=np.uint8)
-    chunks = range(0, len(images), _CHUNK)
+    return images
+
+
+def resize_into(out: np.ndarray, images: np.ndarray | Sequence[np.ndarray], desc: str = "resize") -> None:
+    """Fill uint8 out[N,3,S,S] from an image array, or from a sequence of images of any sizes, chunk by chunk."""
+    size = out.shape[-1]
+    if isinstance(images, np.ndarray):
+        images = _with_channels(images)
+    step = _chunk(size)
+    chunks = range(0, len(images), step)
     for start in tqdm(chunks, desc=desc, unit="chunk", leave=False, disable=None if len(chunks) > 1 else True):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + _CHUNK])).permute(0, 3, 1, 2).float()
-        if batch.shape[-2:] != (size, size):
-            # antialias makes downscaling average the source pixels (like area) instead of aliasing;
-            # CPU interpolation computes each output pixel independently, so results are bit-reproducible
-            with torch.no_grad():
-                batch = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        batch = batch.round_().clamp_(0, 255).to(torch.uint8)
-        if batch.shape[1] == 1:
-            batch = batch.expand(-1, 3, -1, -1)  # grey sources feed the same 3-channel networks as RGB ones
-        out[start : start + len(batch)] = batch.numpy()
+        stop = min(start + step, len(images))
+        if isinstance(images, np.ndarray):
+            out[start:stop] = _resize_batch(images[start:stop], size)
+        else:  # files decoded one by one: sizes differ, so each is resized on its own
+            for i in range(start, stop):
+                out[i] = _resize_batch(_with_channels(np.asarray(images[i])[None]), size)[0]
+
+
+def to_square_rgb(images: np.ndarray | Sequence[np.ndarray], size: int, desc: str = "resize") -> np.ndarray:
+    """uint8 [N,H,W] or [N,H,W,C] (or a sequence of images) -> uint8 [N,3,size,size]; grey becomes 3 channels."""
+    out = np.empty((len(images), 3, size, size), dtype=np.uint8)
+    resize_into(out, images, desc)
     return out
 
 
-def apply_subsets(raw: RawDataset, dparams: DatasetParams, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def apply_subsets(raw: RawDataset, dparams: DatasetParams, seed: int) -> dict[str, tuple[Any, np.ndarray]]:
     """Each split cut to its requested size (stratified, seeded); a split smaller than asked stays whole."""
     out = {}
     for offset, split in enumerate(SPLIT_NAMES):
@@ -53,6 +80,10 @@ def apply_subsets(raw: RawDataset, dparams: DatasetParams, seed: int) -> dict[st
     return out
 
 
+def _source_size(images: np.ndarray | Sequence[np.ndarray]) -> list[int] | str:
+    return list(images.shape[1:3]) if isinstance(images, np.ndarray) else "per file (decoded at prepare time)"
+
+
 def prepare_dataset(name: str, params: Params) -> Path:
     """Read dataset `name` from its origin, subset, resize and write data/prepared/NAME; returns that folder."""
     spec = get_spec(name)
@@ -60,18 +91,26 @@ def prepare_dataset(name: str, params: Params) -> Path:
     seed, size = params.prepare.seed, params.prepare.image_size
     raw_dir = Path(params.paths.data) / "raw" / name
     raw = get_origin(spec)(dparams, seed, raw_dir)
-    if len(raw.class_names) != spec.num_classes:
-        raise RuntimeError(f"{name}: origin gave {len(raw.class_names)} classes, registry says {spec.num_classes}")
+    available = {s: int(len(raw.splits[s][1])) for s in SPLIT_NAMES}
+    mismatches = paper_mismatches(spec, len(raw.class_names), [available[s] for s in SPLIT_NAMES])
+    for line in mismatches:
+        click.echo(f"lth: warning: {line}", err=True)
     chosen = apply_subsets(raw, dparams, seed)
-    splits = {s: (to_square_rgb(x, size, desc=f"{name}/{s}"), y) for s, (x, y) in chosen.items()}
+    requested = {k: v for k, v in to_dict(dparams).items() if k not in _PULL_ONLY or v is not None}
     info: dict[str, Any] = {
         "origin": spec.origin,
         "role": spec.role,
         "seed": seed,
-        "requested": to_dict(dparams),
-        "available": {s: int(len(raw.splits[s][1])) for s in SPLIT_NAMES},
-        "source_image_size": list(raw.splits["train"][0].shape[1:3]),
+        "requested": requested,
+        "available": available,
+        "paper_mismatches": mismatches,
+        "source_image_size": _source_size(raw.splits["train"][0]),
         "resize": RESIZE,
         **dict(raw.info),
     }
-    return store.write_prepared(params.paths.data, name, splits, list(raw.class_names), info=info)
+    with store.writing(params.paths.data, name, raw.class_names) as writer:
+        for split, (images, labels) in chosen.items():
+            resize_into(writer.images(split, len(labels), size), images, desc=f"{name}/{split}")
+            writer.labels(split, labels)
+        writer.finish(info)
+    return store.prepared_dir(params.paths.data, name)

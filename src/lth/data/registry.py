@@ -11,7 +11,7 @@ import hashlib
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -37,10 +37,14 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class RawDataset:
-    """What an origin returns: uint8 images [N,H,W] or [N,H,W,C] and int labels per split, before resizing."""
+    """What an origin returns: uint8 images and int labels per split, before resizing.
+
+    Images are an array [N,H,W] or [N,H,W,C], or a sequence of [H,W,C] arrays of any sizes (decoded lazily,
+    e.g. `lth.data.images.ImageFiles`) that supports indexing with an index array.
+    """
 
     class_names: tuple[str, ...]
-    splits: Mapping[str, tuple[np.ndarray, np.ndarray]]
+    splits: Mapping[str, tuple[np.ndarray | Sequence[np.ndarray], np.ndarray]]
     info: Mapping[str, Any] = field(default_factory=dict)  # provenance for meta.json (files, checksums, regions)
 
 
@@ -56,7 +60,24 @@ ORIGINS: dict[str, str] = {
     "fashion-mnist": "lth.data.fashion_mnist:load",
     "sklearn-digits": "lth.data.digits:load",
     "skimage": "lth.data.bio_textures:load",
+    "cifar10": "lth.data.cifar:load_cifar10",
+    "cifar100": "lth.data.cifar:load_cifar100",
+    "cytomine": "lth.data.cytomine:load",
+    "wikiart": "lth.data.wikiart:load",
+    "folder": "lth.data.folder:load",
 }
+
+_PULL = "`lth pull cytomine --project {project}` from a Cytomine server you can read, or a split/class/image folder"
+_BUILD = "`lth build wikiart` manifest over your WikiArt copy{extra}"
+
+
+def _cytomine(name: str, project: str, splits: tuple[int, int, int], classes: int, what: str) -> DatasetSpec:
+    return DatasetSpec(name, "target", "cytomine", classes, splits, f"{what} (Cytomine {project}, Mormont et al. 2018)",
+                       _PULL.format(project=project))
+
+
+def _wikiart(name: str, splits: tuple[int, int, int], classes: int, what: str, extra: str = "") -> DatasetSpec:
+    return DatasetSpec(name, "target", "wikiart", classes, splits, what, _BUILD.format(extra=extra))
 
 REGISTRY: dict[str, DatasetSpec] = {
     spec.name: spec
@@ -88,6 +109,19 @@ REGISTRY: dict[str, DatasetSpec] = {
             description="patches of real microscopy/medical/texture images, one class per image (demo target)",
             where="bundled with scikit-image (skimage.data), offline; spatially disjoint train/val/test regions",
         ),
+        *(
+            DatasetSpec(name, "source", name, classes, None, f"{title} natural images, 32x32 RGB, {classes} classes",
+                        "torchvision download of the official python archive (md5-checked)")
+            for name, title, classes in (("cifar10", "CIFAR-10", 10), ("cifar100", "CIFAR-100", 100))
+        ),
+        _cytomine("human-lba", "ulb_anapath_lba", (4051, 346, 1023), 9, "Human-LBA: human lung cytology cells"),
+        _cytomine("lung-tissues", "ulg_lbtd_tissus", (4881, 562, 888), 10, "Lung-Tissues: mouse lung tissue types"),
+        _cytomine("mouse-lba", "ulg_lbtd_lba", (1722, 716, 1846), 8, "Mouse-LBA: mouse lung cytology cells"),
+        _cytomine("bone-marrow", "ulg_bonemarrow", (522, 130, 639), 8, "Bone-Marrow: human bone-marrow cells"),
+        _wikiart("artist-1", (3103, 389, 389), 20, "Artist-Classification-1: 20 WikiArt artists"),
+        _wikiart("type", (2868, 360, 360), 20, "Type-Classification: 20 artwork types", " with a 'type' column"),
+        _wikiart("artist-2", (2827, 353, 353), 19, "Artist-Classification-2: 19 other artists, images not in Artist-1",
+                 " (--exclude-manifest artist-1's)"),
     )
 }
 
@@ -110,13 +144,25 @@ def get_origin(spec: DatasetSpec) -> Origin:
     return getattr(importlib.import_module(module_name), func_name)
 
 
+def paper_mismatches(spec: DatasetSpec, num_classes: int, split_sizes: Sequence[int]) -> list[str]:
+    """One line per way a user's copy differs from the paper's dataset (class count, split sizes)."""
+    problems = []
+    if num_classes != spec.num_classes:
+        problems.append(f"{spec.name}: your copy has {num_classes} classes, the paper's has {spec.num_classes}")
+    if spec.paper_splits is not None and tuple(split_sizes) != spec.paper_splits:
+        ours, paper = "/".join(map(str, split_sizes)), "/".join(map(str, spec.paper_splits))
+        problems.append(f"{spec.name}: your copy's train/val/test sizes are {ours}, the paper's are {paper}")
+    return problems
+
+
 def dataset_rows(params: "Params") -> list[dict[str, Any]]:
-    """One row per registered dataset for `lth datasets`: name, role, classes, origin, where, prepared."""
+    """One row per registered dataset for `lth datasets`: name, role, classes, paper splits, origin, where, prepared."""
     return [
         {
             "name": spec.name,
             "role": spec.role,
             "classes": spec.num_classes,
+            "paper_splits": "/".join(map(str, spec.paper_splits)) if spec.paper_splits else "-",
             "origin": spec.origin,
             "where": spec.where,
             "in_study": spec.name in params.prepare.datasets,

@@ -98,3 +98,32 @@ def band_bounds(length: int, fractions: Sequence[float]) -> list[tuple[int, int]
     """Contiguous [start, stop) ranges covering `length` in the given proportions (for spatial splits)."""
     edges = np.round(np.cumsum([0.0, *fractions]) / sum(fractions) * length).astype(int)
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def holdout(labels: np.ndarray, size: int, seed: int, dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) indices: a seeded stratified hold-out of `size` items, e.g. validation from training."""
+    labels = np.asarray(labels)
+    if size >= len(labels):
+        raise UserError(f"dataset {dataset!r}: val={size} leaves no training images out of {len(labels)}; lower it")
+    (held,) = stratified_split(labels, [size], seed)
+    return np.setdiff1d(np.arange(len(labels)), held, assume_unique=True), held
+
+
+def group_split(groups: Sequence[str], fractions: Sequence[float], seed: int) -> np.ndarray:
+    """Split index (0, 1, 2, ...) per item such that items of one group (e.g. one slide) share a split.
+
+    Groups go, largest first (ties in seeded random order), to the split furthest below its share of items.
+    """
+    names, inverse, counts = np.unique(np.asarray(groups, dtype=str), return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(names))
+    order = order[np.argsort(-counts[order], kind="stable")]
+    targets = np.asarray(fractions, dtype=np.float64) / sum(fractions) * len(inverse)
+    filled = np.zeros(len(fractions))
+    owner = np.empty(len(names), dtype=np.int64)
+    for g in order:
+        # an empty split always wins first, so every split gets a group when there are enough groups
+        deficit = np.where(filled == 0, np.inf, targets - filled)
+        k = int(np.argmax(deficit))
+        owner[g] = k
+        filled[k] += counts[g]
+    return owner[inverse]

@@ -1,15 +1,17 @@
 """The prepared store: data/prepared/<name>/ holds uint8 image arrays per split, labels and meta.json.
 
 Arrays are `.npy` files read with `allow_pickle=False` and memory-mapped, so a 224-px dataset is
-decoded once at prepare time and training never touches an image file again.
+decoded once at prepare time and training never touches an image file again. They are also written
+through memory maps (`writing`), so preparing a large dataset never holds a whole split in memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -84,11 +86,97 @@ def is_prepared(data_root: str | Path, name: str) -> bool:
 
 
 def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    x = images.astype(np.float64) / 255.0
-    mean = x.mean(axis=(0, 2, 3))
-    std = x.std(axis=(0, 2, 3))
+    """Per-channel mean and std in [0, 1] of uint8 [N,3,H,W], two passes over chunks (bounded memory at 224 px)."""
+    step = max(1, (1 << 27) // max(1, images[0].size * 8)) if len(images) else 1
+    chunks = [slice(i, i + step) for i in range(0, len(images), step)]
+    count = max(1, images.shape[0] * images.shape[2] * images.shape[3])
+    total = sum((images[c].sum(axis=(0, 2, 3), dtype=np.float64) for c in chunks), np.zeros(3))
+    mean = total / 255.0 / count
+    squares = np.zeros(3)
+    for c in chunks:
+        x = images[c].astype(np.float64) / 255.0 - mean[None, :, None, None]
+        squares += (x * x).sum(axis=(0, 2, 3))
+    std = np.sqrt(squares / count)
     std = np.where(std < 1e-6, 1.0, std)
     return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
+class PreparedWriter:
+    """Fills a prepared dataset's temporary folder split by split; `finish` checks it and writes meta.json."""
+
+    def __init__(self, folder: Path, name: str, class_names: list[str] | tuple[str, ...]) -> None:
+        self.folder, self.name, self.class_names = folder, name, list(class_names)
+        self._images: dict[str, np.ndarray] = {}
+        self._labels: dict[str, np.ndarray] = {}
+        self.finished = False
+
+    def images(self, split: str, count: int, height: int, width: int | None = None) -> np.ndarray:
+        """A writable uint8 [count, 3, H, W] array for the split's images, memory-mapped onto its .npy file."""
+        shape = (count, 3, height, width or height)
+        if count == 0:  # an empty file cannot be memory-mapped
+            array = np.zeros(shape, dtype=np.uint8)
+        else:
+            path = self.folder / f"{split}_images.npy"
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+        self._images[split] = array
+        return array
+
+    def labels(self, split: str, labels: np.ndarray) -> None:
+        """The split's integer labels, one per image."""
+        self._labels[split] = np.asarray(labels).astype(np.int64)
+
+    def finish(self, info: Mapping[str, Any] | None = None) -> None:
+        """Flush the arrays, checksum every file and write meta.json (the last file, so "exists" means "complete")."""
+        name = self.name
+        missing = [s for s in SPLITS if s not in self._images or s not in self._labels]
+        if missing:
+            raise ValueError(f"write_prepared({name}): missing splits {missing}")
+        counts: dict[str, Any] = {}
+        checksums = {}
+        for split in SPLITS:
+            images, labels = self._images[split], self._labels[split]
+            if labels.shape != (images.shape[0],):
+                raise ValueError(f"{name}/{split}: {labels.shape[0]} labels for {images.shape[0]} images")
+            per_class = np.bincount(labels, minlength=len(self.class_names)).tolist()
+            counts[split] = {"total": int(images.shape[0]), "per_class": per_class}
+            if isinstance(images, np.memmap):
+                images.flush()
+            else:
+                np.save(self.folder / f"{split}_images.npy", images, allow_pickle=False)
+            np.save(self.folder / f"{split}_labels.npy", labels, allow_pickle=False)
+            for kind in ("images", "labels"):
+                fname = f"{split}_{kind}.npy"
+                checksums[fname] = sha256_file(self.folder / fname)
+        shapes = {a.shape[2:] for a in self._images.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"{name}: splits have different image sizes {shapes}")
+        (size_h, size_w) = shapes.pop()
+        mean, std = _channel_stats(self._images["train"])
+        self._images.clear()  # drop the maps before the folder is renamed into place
+        meta = {
+            "name": name,
+            "class_names": self.class_names,
+            "num_classes": len(self.class_names),
+            "image_size": [int(size_h), int(size_w)],
+            "channels": 3,
+            "counts": counts,
+            "mean": mean,
+            "std": std,
+            "sha256": checksums,
+            **dict(info or {}),
+        }
+        (self.folder / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        self.finished = True
+
+
+@contextlib.contextmanager
+def writing(data_root: str | Path, name: str, class_names: list[str] | tuple[str, ...]) -> Iterator[PreparedWriter]:
+    """A PreparedWriter on a temporary folder that replaces data/prepared/<name> only once `finish` has run."""
+    with atomic_dir(prepared_dir(data_root, name)) as tmp:
+        writer = PreparedWriter(tmp, name, class_names)
+        yield writer
+        if not writer.finished:
+            raise RuntimeError(f"prepared dataset {name}: finish() was not called")
 
 
 def write_prepared(
@@ -102,44 +190,19 @@ def write_prepared(
     missing = [s for s in SPLITS if s not in splits]
     if missing:
         raise ValueError(f"write_prepared({name}): missing splits {missing}")
-    counts: dict[str, Any] = {}
-    shapes = set()
     for split in SPLITS:
         images, labels = splits[split]
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"{name}/{split}: images must be uint8 [N,3,S,S], got {images.dtype} {images.shape}")
         if labels.shape != (images.shape[0],):
             raise ValueError(f"{name}/{split}: {labels.shape[0]} labels for {images.shape[0]} images")
-        shapes.add(images.shape[2:])
-        per_class = np.bincount(labels.astype(np.int64), minlength=len(class_names)).tolist()
-        counts[split] = {"total": int(images.shape[0]), "per_class": per_class}
-    if len(shapes) != 1:
-        raise ValueError(f"{name}: splits have different image sizes {shapes}")
-    (size_h, size_w) = shapes.pop()
-    mean, std = _channel_stats(splits["train"][0])
-    target = prepared_dir(data_root, name)
-    with atomic_dir(target) as tmp:
-        checksums = {}
+    with writing(data_root, name, class_names) as writer:
         for split in SPLITS:
             images, labels = splits[split]
-            for kind, arr in (("images", np.ascontiguousarray(images)), ("labels", labels.astype(np.int64))):
-                fname = f"{split}_{kind}.npy"
-                np.save(tmp / fname, arr, allow_pickle=False)
-                checksums[fname] = sha256_file(tmp / fname)
-        meta = {
-            "name": name,
-            "class_names": list(class_names),
-            "num_classes": len(class_names),
-            "image_size": [int(size_h), int(size_w)],
-            "channels": 3,
-            "counts": counts,
-            "mean": mean,
-            "std": std,
-            "sha256": checksums,
-            **dict(info or {}),
-        }
-        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return target
+            writer.images(split, *images.shape[:1], *images.shape[2:])[...] = images
+            writer.labels(split, labels)
+        writer.finish(info)
+    return prepared_dir(data_root, name)
 
 
 def read_meta(data_root: str | Path, name: str) -> dict[str, Any]:
