@@ -101,7 +101,7 @@ def open_study(source: str, target: str, params: Params,
     # Seeded by how far the study got, so a resumed study does not replay its first trials' samples.
     done = len(study.trials)
     study.sampler = optuna.samplers.TPESampler(seed=params.tune.seed + done,
-                                               n_startup_trials=max(1, min(10, params.tune.n_trials // 2)))
+                                               n_startup_trials=max(2, min(10, params.tune.n_trials // 2)))
     return study
 
 
