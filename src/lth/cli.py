@@ -11,13 +11,10 @@ from pathlib import Path
 
 import click
 
+from lth.cli_options import PARAMS_OPTION
 from lth.config import Params, load_params
 from lth.errors import UserError
 
-PARAMS_OPTION = click.option(
-    "--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False),
-    help="Study parameters (YAML).",
-)
 
 
 def _params(path: str) -> Params:
@@ -127,22 +124,19 @@ def main() -> None:
         sys.exit(2)
 
 
+
+def _register_subcommands() -> None:
+    # Imported here, after `cli` exists, so each module stays a leaf that never imports lth.cli.
+    from lth.cli_data import build, pull
+    from lth.cli_report import report
+    from lth.cli_tickets import tickets
+    from lth.cli_tune import tune
+
+    for command in (pull, build, tune, report, tickets):
+        cli.add_command(command)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":
     main()
-
-from lth.cli_report import report  # noqa: E402
-
-cli.add_command(report)
-
-from lth.cli_data import build, pull  # noqa: E402
-
-cli.add_command(pull)
-cli.add_command(build)
-
-from lth.cli_tune import tune  # noqa: E402
-
-cli.add_command(tune)
-
-from lth.cli_tickets import tickets  # noqa: E402
-
-cli.add_command(tickets)

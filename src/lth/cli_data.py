@@ -6,17 +6,11 @@ from pathlib import Path
 
 import click
 
+from lth.cli_options import PARAMS_OPTION
+
 from lth.config import DatasetParams, PathsConfig, PrepareConfig, load_params
 from lth.errors import UserError
 
-PARAMS_OPTION = click.option(
-    "--params",
-    "params_path",
-    default="params.yaml",
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="Study parameters (YAML); prepare.datasets.NAME gives crop_zoom / crop_max_size.",
-)
 
 
 def _study(path: str, dataset: str) -> tuple[DatasetParams, int, Path]:

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import click
 
+from lth.cli_options import PARAMS_OPTION
+
 from lth.config import load_params
 
 
 # Defined here rather than imported from lth.cli: lth.cli imports this module at its end, so importing
 # lth.cli from here would be circular whenever this module is imported first.
 @click.command("report")
-@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False),
-              help="Study parameters (YAML).")
+@PARAMS_OPTION
 def report(params_path: str) -> None:
     """Aggregate results/transfer/*.csv over seeds into reports/ (HTML, Markdown, tables, figures)."""
     import pandas as pd

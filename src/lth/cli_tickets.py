@@ -7,12 +7,10 @@ from typing import Any
 
 import click
 
+from lth.cli_options import PARAMS_OPTION
+
 from lth.config import load_params
 
-PARAMS_OPTION = click.option(
-    "--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False),
-    help="Study parameters (YAML).",
-)
 
 
 def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> list[str]:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from lth.cli_options import PARAMS_OPTION
+
 from lth.config import load_params
 
 
@@ -20,8 +22,7 @@ from lth.config import load_params
 @click.option("--study-name", default=None, help="Optuna study to create or resume. Default: tune.study_name.")
 @click.option("--storage", default=None,
               help="Optuna RDB URL. Default: tune.storage, else sqlite:///<abs>/<results>/tune/optuna.db.")
-@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False),
-              help="Study parameters (YAML).")
+@PARAMS_OPTION
 def tune(source: str, target: str, n_trials: int | None, study_name: str | None, storage: str | None,
          params_path: str) -> None:
     """Tune imp.rewind_epoch and transfer.lr for SOURCE's ticket transferred to TARGET; write results/tune/best.yaml."""

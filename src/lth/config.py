@@ -76,7 +76,6 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         _check(8 <= self.image_size <= 1024, "image_size", "must be between 8 and 1024 px")
-        _check(len(self.datasets) > 0, "datasets", "must name at least one dataset")
 
 
 @dataclass(frozen=True)

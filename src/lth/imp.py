@@ -24,7 +24,7 @@ from lth.provenance import code_version, data_version
 from lth.pruning import Mask, apply_mask, full_mask, prune_global, sparsity, sparsity_report
 from lth.tickets import MASK, TicketMeta, load_ticket, save_ticket, ticket_dir
 from lth.tracking import NullTracker, Run, Tracker
-from lth.training import EpochMetrics, evaluate, fit
+from lth.training import EpochMetrics, evaluate, fit, summary_metrics
 
 DENSE = "dense"  # <seed dir>/dense/epochNN.safetensors: the dense run's early checkpoints (rewind points)
 
@@ -122,8 +122,11 @@ def _train_round(
             "epochs": len(result.history), "seconds": sum(m.seconds for m in result.history),
             "val_acc": best.val_acc if best else float("nan"), "val_loss": best.val_loss if best else float("nan"),
         }
-        run.log_metrics(metrics)
+        run.log_metrics(summary_metrics(metrics))
         rewind = start_state if round_ > 0 else result.kept[job.rewind_epoch]
+        if round_ == 0:  # rewind points before the ticket: the round-0 ticket means the dense run is done
+            for epoch, state in result.kept.items():
+                atomic_write_bytes(dense_checkpoint(job, epoch), st_save({k: v.contiguous() for k, v in state.items()}))
         meta = TicketMeta(
             source=job.source, arch=params.model.name, seed=job.seed, round=round_, sparsity=frac,
             rewind_epoch=job.rewind_epoch, num_classes=data.num_classes, prunable=tuple(mask),
@@ -150,9 +153,7 @@ def _ensure_dense(job: ImpJob, data: PreparedDataset, params: Params, tracker: T
         return
     model = build_model(params.model, data.num_classes, job.seed)
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    _, kept = _train_round(job, 0, data, params, tracker, parent, init, full_mask(model), need)
-    for epoch, state in kept.items():
-        atomic_write_bytes(dense_checkpoint(job, epoch), st_save({k: v.contiguous() for k, v in state.items()}))
+    _train_round(job, 0, data, params, tracker, parent, init, full_mask(model), need)
 
 
 def run_imp(job: ImpJob, params: Params, tracker: Tracker | None = None) -> list[Path]:

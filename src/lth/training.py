@@ -24,6 +24,7 @@ from lth.config import TrainConfig
 from lth.data.loader import Normalizer, eval_batches, train_batches
 from lth.data.store import Split
 from lth.fsutil import atomic_write_bytes, atomic_write_json
+from lth.optim import MaskedSGD
 from lth.pruning import Mask, MaskEnforcer
 
 State = dict[str, torch.Tensor]
@@ -68,6 +69,11 @@ class FitResult:
     def best(self) -> EpochMetrics | None:
         """Metrics of the best epoch (None when the best weights are the initial ones)."""
         return next((m for m in self.history if m.epoch == self.best_epoch), None)
+
+
+def summary_metrics(metrics: dict) -> dict[str, float]:
+    """A run's end-of-training metrics; best_* names keep them off the per-epoch val_* curves."""
+    return {(f"best_{k}" if k in ("val_acc", "val_loss") else k): float(v) for k, v in metrics.items()}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -169,20 +175,21 @@ def fit(
     if cfg.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     model.train()
-    enforce = MaskEnforcer(model, mask)
-    enforce()
-    optimizer = torch.optim.SGD(
+    MaskEnforcer(model, mask)()  # zero the pruned weights once; the masked update keeps them at zero
+    named = dict(model.named_parameters())
+    optimizer = MaskedSGD(
         model.parameters(),
         lr=lr if lr is not None else cfg.lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov and cfg.momentum > 0,
         weight_decay=cfg.weight_decay,
+        masks={named[name]: m for name, m in (mask or {}).items()},
     )
     params = list(model.parameters())
     best_state, best_epoch, best_loss, since_best = cpu_state(model), 0, math.inf, 0
     history: list[EpochMetrics] = []
     kept: dict[int, State] = {0: cpu_state(model)} if 0 in keep else {}
-    start = 1
+    start, stopped_early = 1, False
     ckpt = _Checkpoint(checkpoint) if checkpoint is not None else None
     if ckpt is not None and (loaded := ckpt.load()) is not None:
         tensors, info = loaded
@@ -198,9 +205,13 @@ def fit(
         start = info["epoch"] + 1
         if info.get("done"):
             start = cap + 1
+            stopped_early = info["epoch"] < cap
+        if on_epoch is not None:
+            # The killed try may not have logged its last epochs; the caller's run gets the whole curve.
+            for m in history:
+                on_epoch(m)
     loss_fn = nn.CrossEntropyLoss()
     bar = tqdm(total=cap, initial=start - 1, desc=desc, unit="ep", leave=False, dynamic_ncols=True)
-    stopped_early = False
     for epoch in range(start, cap + 1):
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
@@ -212,7 +223,6 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            enforce()
             loss_sum += loss.detach() * y.shape[0]
             correct += (logits.detach().argmax(1) == y).sum()
         val_res = evaluate(model, val, norm, cfg)

@@ -27,7 +27,7 @@ from lth.models import build_model, replace_head
 from lth.pruning import apply_mask, full_mask, sparsity
 from lth.tickets import TicketMeta, load_ticket, read_meta as read_ticket_meta, ticket_dir
 from lth.tracking import NullTracker, Run, Tracker
-from lth.training import evaluate, fit
+from lth.training import evaluate, fit, summary_metrics
 
 COLUMNS = [
     "target", "arm", "source", "seed", "round", "fraction_pruned", "size_fraction",
@@ -109,6 +109,9 @@ def check_inputs(target: str, params: Params, todo: list[FineTune]) -> None:
                 f"no ticket for source {ft.source!r} seed {ft.seed} round {ft.round} ({d} missing): "
                 f"run `lth imp {ft.source} --seed {ft.seed}` (imp.rounds >= {ft.round})"
             )
+        arch = read_ticket_meta(d).arch
+        if arch != params.model.name:
+            raise UserError(f"{d}: ticket is for arch {arch!r}, the study uses {params.model.name!r} (model.*)")
 
 
 def initial_network(ft: FineTune, data: PreparedDataset, params: Params) -> tuple[torch.nn.Module, dict]:
@@ -134,8 +137,9 @@ def initial_network(ft: FineTune, data: PreparedDataset, params: Params) -> tupl
     return model, ticket.mask
 
 
-def run_finetune(ft: FineTune, data: PreparedDataset, params: Params, tracker: Tracker, parent: Run) -> dict:
-    """Fine-tune one arm's network on the target; returns its result row."""
+def run_finetune(ft: FineTune, data: PreparedDataset, params: Params, tracker: Tracker, parent: Run,
+                 save_to: Path | None = None) -> dict:
+    """Fine-tune one arm's network on the target; returns its result row (also written to `save_to`)."""
     model, mask = initial_network(ft, data, params)
     norm = Normalizer(data.mean, data.std)
     frac = sparsity(mask)
@@ -158,8 +162,10 @@ def run_finetune(ft: FineTune, data: PreparedDataset, params: Params, tracker: T
             "val_acc": best.val_acc if best else float("nan"), "val_loss": best.val_loss if best else float("nan"),
             "best_epoch": result.best_epoch, "epochs": len(result.history), "seconds": time.perf_counter() - t0,
         }
-        run.log_metrics({k: float(row[k]) for k in ("test_acc", "test_loss", "val_acc", "val_loss",
-                                                     "fraction_pruned", "epochs", "seconds")})
+        run.log_metrics(summary_metrics({k: row[k] for k in ("test_acc", "test_loss", "val_acc", "val_loss",
+                                                       "fraction_pruned", "epochs", "seconds")}))
+        if save_to is not None:  # inside the run: a kill now leaves a run marked FAILED, never a second FINISHED one
+            atomic_write_json(save_to, row)
     for p in (ckpt, ckpt.with_suffix(".json")):
         p.unlink(missing_ok=True)
     return row
@@ -203,11 +209,12 @@ def run_transfer(target: str, params: Params, tracker: Tracker | None = None,
             if out.is_file():
                 rows.append(json.loads(out.read_text()))
                 continue
-            row = run_finetune(ft, data, params, tracker, parent)
-            atomic_write_json(out, row)
+            row = run_finetune(ft, data, params, tracker, parent, save_to=out)
             rows.append(row)
         if "size" in arms:
             rows.extend(size_rows(target, params, tracker))
+    # dvc.yaml declares models/size/<target> as an out, so it must exist even when the size arm is off
+    (Path(params.paths.models) / "size" / target).mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows, columns=COLUMNS).sort_values(["arm", "source", "size_fraction", "seed", "round"])
     csv = results_csv(params, target)
     atomic_write_text(csv, frame.to_csv(index=False, float_format="%.6g"))
