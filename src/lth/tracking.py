@@ -88,12 +88,23 @@ class NullTracker:
 
 # ---------------------------------------------------------------- the store: URI, client, error handling
 
+def project_dir(cwd: Path | None = None) -> Path:
+    """The working directory, or the DVC project whose `.dvc/tmp/exps/...` temporary copy it is."""
+    # `dvc exp run --temp` and `dvc queue` run stages in .dvc/tmp/exps/<...>/tmpXXXX, deleted afterwards.
+    cwd = (cwd or Path.cwd()).resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd
+
+
 def tracking_uri(cfg: TrackingConfig) -> str:
-    """tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///<absolute cwd>/mlflow.db."""
-    # Absolute, because `dvc exp run` works in a temporary copy that a relative URI would point into.
-    uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///<absolute project dir>/mlflow.db."""
+    # Absolute and outside any `dvc exp run --temp` copy, which would take the runs with it when deleted.
+    uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_dir() / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+        uri = f"sqlite:///{(project_dir() / uri[len('sqlite:///'):]).resolve()}"
     return uri
 
 
