@@ -262,6 +262,14 @@ class Params:
         )
 
 
+def arm_rounds(params: Params, arm: str) -> list[int]:
+    """The ticket rounds an arm runs: scratch is dense only; a re-initialised dense network is scratch."""
+    if arm == "scratch":
+        return [0]
+    rounds = params.transfer.rounds if params.transfer.rounds is not None else range(params.imp.rounds + 1)
+    return [r for r in rounds if not (arm == "reinit" and r == 0)]
+
+
 # ---------------------------------------------------------------- parsing
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from lth.config import Params
+from lth.config import Params, arm_rounds
 from lth.errors import UserError
 from lth.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 
@@ -167,7 +167,6 @@ def expected_series(params: Params, target: str) -> list[tuple[str, str, float]]
 def missing_results(df: pd.DataFrame, params: Params) -> pd.DataFrame:
     """Configured series with no rows, and rounds with fewer seeds than configured: one row per problem."""
     seeds = set(params.transfer.seeds)
-    rounds = list(params.transfer.rounds) if params.transfer.rounds is not None else list(range(params.imp.rounds + 1))
     rows = []
     for target in params.transfer.targets:
         for arm, source, frac in expected_series(params, target):
@@ -179,7 +178,7 @@ def missing_results(df: pd.DataFrame, params: Params) -> pd.DataFrame:
                 continue
             present = cells.groupby("round")["seed"].agg(set).to_dict()
             gaps: dict[str, list[int]] = {}
-            for r in [0] if arm == "scratch" else rounds:
+            for r in arm_rounds(params, arm):
                 lost = sorted(seeds - present.get(r, set()))
                 if lost:
                     gaps.setdefault("no results" if len(lost) == len(seeds) else

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from lth.config import Params, flatten
+from lth.config import Params, arm_rounds, flatten
 from lth.data.loader import Normalizer
 from lth.data.registry import get_spec
 from lth.data.store import PreparedDataset, load_prepared, read_meta
@@ -67,14 +67,9 @@ def results_csv(params: Params, target: str) -> Path:
     return Path(params.paths.results) / "transfer" / f"{target}.csv"
 
 
-def _rounds(params: Params) -> list[int]:
-    return list(params.transfer.rounds) if params.transfer.rounds is not None else list(range(params.imp.rounds + 1))
-
-
 def plan(target: str, params: Params, arms: tuple[str, ...]) -> list[FineTune]:
     """Every fine-tune of `arms` on `target` (the `size` arm is an IMP job, planned separately)."""
     t = params.transfer
-    rounds = _rounds(params)
     related = [p.source for p in t.related if p.target == target]
     todo: list[FineTune] = []
     for seed in t.seeds:
@@ -86,9 +81,7 @@ def plan(target: str, params: Params, arms: tuple[str, ...]) -> list[FineTune]:
             sources = {"transfer": t.sources, "trained": t.sources, "target": (target,), "reinit": (target,),
                        "related": related}[arm]
             for source in sources:
-                for r in rounds:
-                    if arm == "reinit" and r == 0:
-                        continue  # a re-initialised dense network is the scratch arm
+                for r in arm_rounds(params, arm):
                     todo.append(FineTune(target, arm, source, seed, r))
     return todo
 
@@ -112,6 +105,14 @@ def check_inputs(target: str, params: Params, todo: list[FineTune]) -> None:
         arch = read_ticket_meta(d).arch
         if arch != params.model.name:
             raise UserError(f"{d}: ticket is for arch {arch!r}, the study uses {params.model.name!r} (model.*)")
+    # Checksums and shapes of every ticket now, not after hours of fine-tuning the ones before a corrupt one.
+    trained: dict[Path, bool] = {}
+    for ft in todo:
+        if ft.arm != "scratch":
+            d = ticket_dir(params.paths.models, ft.source, ft.seed, ft.round)
+            trained[d] = trained.get(d, False) or ft.arm == "trained"
+    for d, with_trained in trained.items():
+        load_ticket(d, with_trained=with_trained)
 
 
 def initial_network(ft: FineTune, data: PreparedDataset, params: Params) -> tuple[torch.nn.Module, dict]:
@@ -179,7 +180,7 @@ def size_rows(target: str, params: Params, tracker: Tracker) -> list[dict]:
             job = make_job(target, seed, params, train_fraction=fraction)
             for d in run_imp(job, params, tracker):
                 meta = read_ticket_meta(d)
-                if meta.round not in _rounds(params):
+                if meta.round not in arm_rounds(params, "size"):
                     continue
                 m = meta.metrics
                 rows.append({
@@ -204,7 +205,7 @@ def run_transfer(target: str, params: Params, tracker: Tracker | None = None,
     rows: list[dict] = []
     with tracker.job(f"transfer/{target}", f"transfer {target}", params=job_params,
                      tags={"target": target, "arch": params.model.name}) as parent:
-        for ft in tqdm(todo, desc=f"transfer {target}", unit="run"):
+        for ft in tqdm(todo, desc=f"transfer {target}", unit="run", disable=None):
             out = runs_dir / f"{ft.key}.json"
             if out.is_file():
                 rows.append(json.loads(out.read_text()))
