@@ -1,0 +1,1 @@
+"""Benchmarks of issue 7: `python -m benchmarks [NAME ...]` prints tables and writes results/<name>.json."""

@@ -1,0 +1,83 @@
+"""`python -m benchmarks.summary`: rewrite benchmarks/RESULTS.md from results/*.json (the latest figures)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.common import RESULTS
+
+HEAD = """# Benchmark results (issue 7)
+
+Written by `python -m benchmarks.summary` from `benchmarks/results/*.json`; rerun `make bench` (or
+`.venv/bin/python -m benchmarks NAME`) and then the summary to refresh. Every comparison is a ratio of runs
+made side by side in one process (alternating, order rotated, median); absolute img/s depend on the load of
+the shared machine (its 1-minute load average is recorded with each result) and are given for scale only.
+"""
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _machine(r: dict) -> str:
+    m = r["machine"]
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return (f"{m['cpu']}, {m['cpus']} CPUs, torch {m['torch']} on {m['torch_threads']} threads{gpu}; "
+            f"load average {m['load_avg_1m']:.1f} at {r['when']}")
+
+
+def _section(name: str, r: dict) -> list[str]:
+    out = [f"## {name}", "", f"Command: `{r['command']}`  ", f"Machine: {_machine(r)}", ""]
+    if name == "mask_overhead":
+        out += ["| setting | variant | img/s | x dense | x torch SGD dense |", "|---|---|---|---|---|"]
+        for s in r["settings"]:
+            for v, x in s["variants"].items():
+                out.append(f"| {s['setting']} | {v} | {x['img_per_s']:.1f} | {x['vs_dense']:.3f} | "
+                           f"{x['vs_torch_dense']:.3f} |")
+        ratios = ", ".join(f"{s['ours_vs_dense']:.3f}x" for s in r["settings"])
+        out += ["", f"Target ours <= 1.02x dense: **{'met' if r['met'] else 'not met'}** ({ratios})."]
+    elif name == "data_path":
+        out += ["| setting | device | loader img/s | model img/s | loader / model |", "|---|---|---|---|---|"]
+        for s in r["settings"]:
+            out.append(f"| {s['setting']} | {s['device']} | {s['loader_img_per_s']:.0f} | "
+                       f"{s['model_img_per_s']:.1f} | {s['ratio']:.1f}x |")
+        out += ["", f"Target loader >= 10x model: **{'met' if r['met'] else 'not met'}**."]
+    elif name == "tracking_overhead":
+        out += [f"IMP job (demo model and data size, dense + {r['rounds']} rounds, <= {r['max_epochs']} epochs): "
+                f"{r['job_seconds']:.1f} s, of which {r['mlflow_seconds']:.2f} s in {r['mlflow_calls']} MLflow "
+                f"calls = **{100 * r['share']:.2f}%** (target <= 2%: {'met' if r['met'] else 'not met'}). "
+                f"Importing mlflow costs {r['import_seconds']:.1f} s once per `lth` process "
+                f"({100 * r['share_with_import']:.2f}% of this job if counted)."]
+    elif name == "pipeline":
+        demo = r["demo_seconds"]
+        out += [f"No-op `dvc repro` ({r['stages']} stages, temp copy): **{r['noop_median']:.2f} s** median "
+                f"(target <= 2 s: {'met' if r['met_noop'] else 'not met'}); first repro with "
+                f"{r['first_repro_params']} params {r['first_repro_seconds']:.0f} s.",
+                f"Whole demo: " + (f"**{demo:.0f} s** ({r['demo_source']}; target <= 600 s: "
+                                   f"{'met' if r['met_demo'] else 'not met'})." if demo is not None else
+                                   "not measured in this run (needs `--demo-log` or `--full`).")]
+    elif name == "gpu":
+        if r.get("skipped"):
+            out += [f"Skipped: {r['skipped']}. Run `bash benchmarks/gpu_smoke.sh` where a GPU is at hand."]
+        else:
+            out += ["| variant | img/s | x fp32 |", "|---|---|---|"]
+            out += [f"| {n} | {v:.0f} | {r['speedup_vs_fp32'][n]:.2f} |" for n, v in r["img_per_s"].items()]
+    elif name == "gpu_smoke":
+        out = [f"## {name}", "", f"Command: `{r['command']}` on {r['gpu']} at {r['when']}", "",
+               f"{r['setting']}: {r['seconds']:.0f} s."]
+    return out + [""]
+
+
+def main() -> None:
+    lines = [HEAD]
+    for name in ("mask_overhead", "data_path", "tracking_overhead", "pipeline", "gpu", "gpu_smoke"):
+        r = _load(name)
+        if r is not None:
+            lines += _section(name, r)
+    (Path(__file__).resolve().parent / "RESULTS.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
