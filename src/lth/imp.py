@@ -169,7 +169,8 @@ def run_imp(job: ImpJob, params: Params, tracker: Tracker | None = None) -> list
         _ensure_dense(job, data, params, tracker, parent)
         rewind = load_file(str(dense_checkpoint(job, job.rewind_epoch)))
         dirs = [_round_dir(job, 0)]
-        for round_ in tqdm(range(1, job.rounds + 1), desc=f"imp {job.label} s{job.seed}", unit="round"):
+        for round_ in tqdm(range(1, job.rounds + 1), desc=f"imp {job.label} s{job.seed}", unit="round",
+                           disable=None):
             out = _round_dir(job, round_)
             if (out / "ticket.json").is_file():
                 dirs.append(out)

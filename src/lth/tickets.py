@@ -97,6 +97,8 @@ def read_meta(directory: str | Path) -> TicketMeta:
     try:
         raw = json.loads(path.read_text())
         raw["prunable"] = tuple(raw["prunable"])
+        if not isinstance(raw.get("sha256"), dict):
+            raise TypeError("sha256 must map file names to checksums")
         return TicketMeta(**raw)
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: not a valid ticket description ({exc})") from None
@@ -105,7 +107,9 @@ def read_meta(directory: str | Path) -> TicketMeta:
 def _load_tensors(path: Path, expected_sha: str | None) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"{path} missing: the ticket is incomplete; fetch or recompute it")
-    if expected_sha is not None and sha256_file(path) != expected_sha:
+    if expected_sha is None:
+        raise UserError(f"{path}: no sha256 for it in {META}; the ticket cannot be verified, fetch it again")
+    if sha256_file(path) != expected_sha:
         raise UserError(f"{path}: sha256 does not match ticket.json (corrupt or tampered); fetch it again")
     try:
         return st_load(path.read_bytes())

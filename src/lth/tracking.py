@@ -7,8 +7,10 @@ and processes can log to one store at once; nesting is the `mlflow.parentRunId` 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -27,6 +29,8 @@ from lth.provenance import git_commit
 from lth.tickets import TicketMeta
 
 T = TypeVar("T")
+# MLflow announces creating and upgrading its sqlite tables at INFO on stderr; lth's stderr is for its own messages.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 PARENT_TAG = "mlflow.parentRunId"
 JOB_KEY_TAG = "lth.job_key"
 TICKET_ARTIFACTS = "ticket"  # run artifact folder holding the ticket directory
@@ -153,8 +157,18 @@ class Store:
         self.uri = tracking_uri(cfg)
         self.attempts = attempts
         check_reachable(self.uri)  # before any training, not after the first round
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         self._checked_s3: set[str] = set()
+        if not self.uri.startswith("sqlite:///"):
+            self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            return
+        # The client creates or upgrades the sqlite tables; MLflow's migrations race when several processes
+        # open a new file at once, so one process at a time does it.
+        db = Path(self.uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.with_name(f"{db.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+            self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            self.call(self.client.search_registered_models, max_results=1)  # the registry's store, created lazily
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """fn(*args, **kwargs), retried with backoff while sqlite says "database is locked"."""
@@ -311,6 +325,10 @@ class MlflowTracker:
         return self.store.call(self.store.client.search_runs, [exp_id], filter_string=where,
                                order_by=["attributes.start_time DESC"], max_results=100)
 
+    def _mark_stale(self, run_id: str) -> None:
+        self.store.call(self.store.client.set_tag, run_id, "lth.stale", "true")
+        self.store.call(self.store.client.set_terminated, run_id, "FAILED")
+
     @contextlib.contextmanager
     def _lifetime(self, run: MlflowRun) -> Iterator[MlflowRun]:
         """FINISHED when the block ends, FAILED (KILLED on Ctrl-C) when it raises; the exception propagates."""
@@ -340,6 +358,11 @@ class MlflowTracker:
         if found:
             run_id = found[0].info.run_id
             self.store.call(self.store.client.update_run, run_id, status="RUNNING")
+            # Nested runs still RUNNING under a reused parent belong to a killed try (a finished step whose
+            # run was not closed is skipped on resume, so child() would never see it): mark them FAILED.
+            where = f"tags.`{PARENT_TAG}` = {_quote(run_id)} and attributes.status = 'RUNNING'"
+            for old in self._search(exp_id, where):
+                self._mark_stale(old.info.run_id)
         else:
             run_id = self.store.call(self.store.client.create_run, exp_id, run_name=run_name).info.run_id
         run = MlflowRun(self.store, run_id, tags=tags, **self._run_options)
@@ -357,8 +380,7 @@ class MlflowTracker:
         where = f"tags.`{PARENT_TAG}` = {_quote(parent.run_id)} and attributes.run_name = {_quote(run_name)}"
         for old in self._search(exp_id, where):
             if old.info.status in ("RUNNING", "SCHEDULED"):
-                self.store.call(self.store.client.set_tag, old.info.run_id, "lth.stale", "true")
-                self.store.call(self.store.client.set_terminated, old.info.run_id, "FAILED")
+                self._mark_stale(old.info.run_id)
         run_id = self.store.call(self.store.client.create_run, exp_id, run_name=run_name,
                                  tags={PARENT_TAG: parent.run_id}).info.run_id
         run = MlflowRun(self.store, run_id, tags=parent.tags, **self._run_options)

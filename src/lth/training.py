@@ -211,7 +211,8 @@ def fit(
             for m in history:
                 on_epoch(m)
     loss_fn = nn.CrossEntropyLoss()
-    bar = tqdm(total=cap, initial=start - 1, desc=desc, unit="ep", leave=False, dynamic_ncols=True)
+    bar = tqdm(total=cap, initial=start - 1, desc=desc, unit="ep", leave=False, dynamic_ncols=True,
+               disable=None)
     for epoch in range(start, cap + 1):
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)

@@ -93,8 +93,6 @@ def prepare_dataset(name: str, params: Params) -> Path:
     raw = get_origin(spec)(dparams, seed, raw_dir)
     available = {s: int(len(raw.splits[s][1])) for s in SPLIT_NAMES}
     mismatches = paper_mismatches(spec, len(raw.class_names), [available[s] for s in SPLIT_NAMES])
-    for line in mismatches:
-        click.echo(f"lth: warning: {line}", err=True)
     chosen = apply_subsets(raw, dparams, seed)
     requested = {k: v for k, v in to_dict(dparams).items() if k not in _PULL_ONLY or v is not None}
     info: dict[str, Any] = {
@@ -113,4 +111,6 @@ def prepare_dataset(name: str, params: Params) -> Path:
             resize_into(writer.images(split, len(labels), size), images, desc=f"{name}/{split}")
             writer.labels(split, labels)
         writer.finish(info)
+    for line in mismatches:  # after the work, so that a failed prepare prints only its one error line
+        click.echo(f"lth: warning: {line}", err=True)
     return store.prepared_dir(params.paths.data, name)

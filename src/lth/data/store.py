@@ -216,6 +216,17 @@ def read_meta(data_root: str | Path, name: str) -> dict[str, Any]:
         raise UserError(f"{path}: not valid JSON ({exc.msg}); run `lth prepare {name}` again") from None
 
 
+def _check_split(path: Path, images: np.ndarray, labels: np.ndarray, num_classes: int, name: str) -> None:
+    """A UserError (not a crash mid-training) when a split's arrays are not uint8 [N,3,H,W] with N labels in range."""
+    again = f"run `lth prepare {name}` again"
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise UserError(f"{path}: expected uint8 images [N, 3, H, W], got {images.dtype} {list(images.shape)}; {again}")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0] or labels.dtype.kind not in "iu":
+        raise UserError(f"{path}: {images.shape[0]} images but labels {labels.dtype} {list(labels.shape)}; {again}")
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise UserError(f"{path}: labels outside 0..{num_classes - 1} (meta.json class_names); {again}")
+
+
 def load_prepared(data_root: str | Path, name: str, *, verify: bool = True) -> PreparedDataset:
     """Load a prepared dataset (memory-mapped, no pickle); `verify` checks every file's sha256."""
     meta = read_meta(data_root, name)
@@ -238,6 +249,7 @@ def load_prepared(data_root: str | Path, name: str, *, verify: bool = True) -> P
                 arr = np.load(path, mmap_mode="c", allow_pickle=False)
             except ValueError as exc:
                 raise UserError(f"{path}: unreadable array ({exc}); run `lth prepare {name}` again") from None
-            arrays.append(torch.from_numpy(arr))
-        splits[split] = Split(arrays[0], arrays[1])
+            arrays.append(arr)
+        _check_split(root / f"{split}_images.npy", arrays[0], arrays[1], len(meta["class_names"]), name)
+        splits[split] = Split(torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1]))
     return PreparedDataset(name=name, class_names=tuple(meta["class_names"]), splits=splits, meta=meta)
