@@ -13,6 +13,8 @@ Written by `python -m benchmarks.summary` from `benchmarks/results/*.json`; reru
 `.venv/bin/python -m benchmarks NAME`) and then the summary to refresh. Every comparison is a ratio of runs
 made side by side in one process (alternating, order rotated, median); absolute img/s depend on the load of
 the shared machine (its 1-minute load average is recorded with each result) and are given for scale only.
+On the shared 2-core machine paired repeats still spread by a few percent; runs made while the load average is
+well above the core count are not reliable (mask_overhead ratios from 0.66x to 1.44x were seen at load 6-11).
 """
 
 
