@@ -23,6 +23,7 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     for name in args.names or NAMES:
         importlib.import_module(f"benchmarks.{name}").run(args)
+    importlib.import_module("benchmarks.summary").main()  # RESULTS.md from the latest JSON of every benchmark
 
 
 if __name__ == "__main__":
