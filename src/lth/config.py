@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -13,25 +10,13 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from lth.errors import UserError
+from lth.validation import FieldProblem, build, check
 
 ARMS = ("scratch", "transfer", "target", "reinit", "trained", "related", "size")
 
 
 class ConfigError(UserError):
     """A params file is wrong; the message names the file and the key path."""
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    """Raise a key-relative problem, turned into a path-qualified ConfigError by the parser."""
-    if not ok:
-        raise _FieldProblem(key, message)
-
-
-class _FieldProblem(Exception):
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-        self.message = message
 
 
 # ---------------------------------------------------------------- sections
@@ -51,9 +36,9 @@ class DatasetParams:
     def __post_init__(self) -> None:
         for name in ("train", "val", "test"):
             value = getattr(self, name)
-            _check(value is None or value >= 1, name, "must be a positive number of images or null")
-        _check(self.crop_zoom is None or self.crop_zoom >= 0, "crop_zoom", "must be a zoom level >= 0 or null")
-        _check(self.crop_max_size is None or self.crop_max_size >= 8, "crop_max_size", "must be >= 8 px or null")
+            check(value is None or value >= 1, name, "must be a positive number of images or null")
+        check(self.crop_zoom is None or self.crop_zoom >= 0, "crop_zoom", "must be a zoom level >= 0 or null")
+        check(self.crop_max_size is None or self.crop_max_size >= 8, "crop_max_size", "must be >= 8 px or null")
 
 
 @dataclass(frozen=True)
@@ -75,7 +60,7 @@ class PrepareConfig:
     datasets: Mapping[str, DatasetParams] = field(default_factory=dict)  # datasets of this study
 
     def __post_init__(self) -> None:
-        _check(8 <= self.image_size <= 1024, "image_size", "must be between 8 and 1024 px")
+        check(8 <= self.image_size <= 1024, "image_size", "must be between 8 and 1024 px")
 
 
 @dataclass(frozen=True)
@@ -87,8 +72,8 @@ class ModelConfig:
     width: int = 16  # channels of the first stage of the CIFAR-style ResNet
 
     def __post_init__(self) -> None:
-        _check(self.depth >= 8 and (self.depth - 2) % 6 == 0, "depth", "must be 6n+2 and >= 8 (8, 14, 20, 32, ...)")
-        _check(1 <= self.width <= 512, "width", "must be between 1 and 512")
+        check(self.depth >= 8 and (self.depth - 2) % 6 == 0, "depth", "must be 6n+2 and >= 8 (8, 14, 20, 32, ...)")
+        check(1 <= self.width <= 512, "width", "must be between 1 and 512")
 
     @property
     def name(self) -> str:
@@ -116,21 +101,21 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads (None: torch's default)
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _check(0 < self.lr <= 10, "lr", "must be in (0, 10]")
-        _check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
-        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        _check(self.max_epochs >= 1, "max_epochs", "must be >= 1")
-        _check(0 <= self.min_epochs <= self.max_epochs, "min_epochs", "must be in [0, max_epochs]")
-        _check(self.patience >= 1, "patience", "must be >= 1")
-        _check(self.crop_size >= 8, "crop_size", "must be >= 8 px")
-        _check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
-        _check(
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(0 < self.lr <= 10, "lr", "must be in (0, 10]")
+        check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(self.max_epochs >= 1, "max_epochs", "must be >= 1")
+        check(0 <= self.min_epochs <= self.max_epochs, "min_epochs", "must be in [0, max_epochs]")
+        check(self.patience >= 1, "patience", "must be >= 1")
+        check(self.crop_size >= 8, "crop_size", "must be >= 8 px")
+        check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             "device",
             "must be auto, cpu, cuda or cuda:N",
         )
-        _check(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
+        check(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
 
 
 @dataclass(frozen=True)
@@ -145,12 +130,12 @@ class ImpConfig:
     keep_epochs: int = 0  # also keep dense checkpoints of epochs 0..keep_epochs (for `lth tune`)
 
     def __post_init__(self) -> None:
-        _check(len(self.sources) > 0, "sources", "must name at least one dataset")
-        _check(len(self.seeds) > 0, "seeds", "must list at least one seed")
-        _check(1 <= self.rounds <= 60, "rounds", "must be between 1 and 60")
-        _check(0 < self.pruning_rate < 1, "pruning_rate", "must be in (0, 1)")
-        _check(self.rewind_epoch >= 0, "rewind_epoch", "must be >= 0")
-        _check(self.keep_epochs >= 0, "keep_epochs", "must be >= 0")
+        check(len(self.sources) > 0, "sources", "must name at least one dataset")
+        check(len(self.seeds) > 0, "seeds", "must list at least one seed")
+        check(1 <= self.rounds <= 60, "rounds", "must be between 1 and 60")
+        check(0 < self.pruning_rate < 1, "pruning_rate", "must be in (0, 1)")
+        check(self.rewind_epoch >= 0, "rewind_epoch", "must be >= 0")
+        check(self.keep_epochs >= 0, "keep_epochs", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -176,14 +161,14 @@ class TransferConfig:
     max_epochs: int | None = None  # fine-tuning epoch cap (None: train.max_epochs)
 
     def __post_init__(self) -> None:
-        _check(len(self.targets) > 0, "targets", "must name at least one dataset")
+        check(len(self.targets) > 0, "targets", "must name at least one dataset")
         unknown = [a for a in self.arms if a not in ARMS]
-        _check(not unknown, "arms", f"unknown arm {unknown[0] if unknown else ''!r}; choose from {', '.join(ARMS)}")
-        _check(len(self.seeds) > 0, "seeds", "must list at least one seed")
-        _check(self.rounds is None or all(r >= 0 for r in self.rounds), "rounds", "must be rounds >= 0")
-        _check(all(0 < f < 1 for f in self.size_fractions), "size_fractions", "must be fractions in (0, 1)")
-        _check(self.lr is None or 0 < self.lr <= 10, "lr", "must be in (0, 10] or null")
-        _check(self.max_epochs is None or self.max_epochs >= 1, "max_epochs", "must be >= 1 or null")
+        check(not unknown, "arms", f"unknown arm {unknown[0] if unknown else ''!r}; choose from {', '.join(ARMS)}")
+        check(len(self.seeds) > 0, "seeds", "must list at least one seed")
+        check(self.rounds is None or all(r >= 0 for r in self.rounds), "rounds", "must be rounds >= 0")
+        check(all(0 < f < 1 for f in self.size_fractions), "size_fractions", "must be fractions in (0, 1)")
+        check(self.lr is None or 0 < self.lr <= 10, "lr", "must be in (0, 10] or null")
+        check(self.max_epochs is None or self.max_epochs >= 1, "max_epochs", "must be >= 1 or null")
 
 
 @dataclass(frozen=True)
@@ -203,12 +188,12 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         lo, hi = self.rewind_epochs
-        _check(0 <= lo <= hi, "rewind_epochs", "must be [low, high] with 0 <= low <= high")
+        check(0 <= lo <= hi, "rewind_epochs", "must be [low, high] with 0 <= low <= high")
         lo_lr, hi_lr = self.lr_range
-        _check(0 < lo_lr < hi_lr <= 10, "lr_range", "must be [low, high] with 0 < low < high <= 10")
-        _check(self.n_trials >= 1, "n_trials", "must be >= 1")
-        _check(self.round >= 0, "round", "must be >= 0")
-        _check(self.max_epochs is None or self.max_epochs >= 1, "max_epochs", "must be >= 1 or null")
+        check(0 < lo_lr < hi_lr <= 10, "lr_range", "must be [low, high] with 0 < low < high <= 10")
+        check(self.n_trials >= 1, "n_trials", "must be >= 1")
+        check(self.round >= 0, "round", "must be >= 0")
+        check(self.max_epochs is None or self.max_epochs >= 1, "max_epochs", "must be >= 1 or null")
 
 
 @dataclass(frozen=True)
@@ -227,7 +212,7 @@ class ReportConfig:
     alpha: float = 0.05
 
     def __post_init__(self) -> None:
-        _check(0 < self.alpha < 1, "alpha", "must be in (0, 1)")
+        check(0 < self.alpha < 1, "alpha", "must be in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -245,17 +230,17 @@ class Params:
     report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             self.imp.rewind_epoch <= self.train.max_epochs,
             "imp.rewind_epoch",
             f"({self.imp.rewind_epoch}) must not exceed train.max_epochs ({self.train.max_epochs})",
         )
-        _check(
+        check(
             self.train.crop_size <= self.prepare.image_size,
             "train.crop_size",
             f"({self.train.crop_size}) must not exceed prepare.image_size ({self.prepare.image_size})",
         )
-        _check(
+        check(
             self.tune.rewind_epochs[1] <= self.train.max_epochs,
             "tune.rewind_epochs",
             f"upper bound must not exceed train.max_epochs ({self.train.max_epochs})",
@@ -270,117 +255,11 @@ def arm_rounds(params: Params, arm: str) -> list[int]:
     return [r for r in rounds if not (arm == "reinit" and r == 0)]
 
 
-# ---------------------------------------------------------------- parsing
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (tuple, list):
-        return "a list"
-    if origin in (Mapping, dict, collections.abc.Mapping):
-        return "a mapping"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; return the frozen representation."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors: list[_FieldProblem] = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(arg, value, key)
-            except _FieldProblem as exc:
-                errors.append(exc)
-        raise _FieldProblem(key, f"must be {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise _FieldProblem(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin in (Mapping, dict, collections.abc.Mapping):
-        if not isinstance(value, dict):
-            raise _FieldProblem(key, f"must be a mapping, got {value!r}")
-        key_tp, val_tp = args
-        out = {}
-        for k, v in value.items():
-            out[_convert(key_tp, k, f"{key}.{k}")] = _convert(val_tp, v, f"{key}.{k}")
-        return types.MappingProxyType(out)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _FieldProblem(key, f"must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise _FieldProblem(key, f"must be a list of {len(args)} values, got {value!r}")
-        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _FieldProblem(key, f"must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _FieldProblem(key, f"must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML reads 1e-4 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _FieldProblem(key, f"must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _FieldProblem(key, f"must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} at {key}")
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise _FieldProblem(prefix, f"must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for k in raw:
-        if k not in fields:
-            where = f"{prefix}.{k}" if prefix else str(k)
-            raise _FieldProblem(where, f"unknown key (known keys: {', '.join(fields)})")
-    kwargs = {}
-    for name in fields:
-        if name in raw:
-            kwargs[name] = _convert(hints[name], raw[name], f"{prefix}.{name}" if prefix else name)
-    try:
-        return cls(**kwargs)
-    except _FieldProblem as exc:
-        key = f"{prefix}.{exc.key}" if prefix else exc.key
-        raise _FieldProblem(key, exc.message) from None
-
-
 def params_from_dict(raw: Mapping[str, Any], source: str = "params") -> Params:
     """Validate a raw mapping into Params; a problem is a ConfigError naming `source` and the key path."""
     try:
-        return _build(Params, dict(raw), "")
-    except _FieldProblem as exc:
+        return build(Params, dict(raw), "")
+    except FieldProblem as exc:
         raise ConfigError(f"{source}: {exc.key}: {exc.message}") from None
 
 

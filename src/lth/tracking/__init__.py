@@ -1,4 +1,4 @@
-"""The one place that talks to MLflow (with lth.registry_query). Jobs see only `Tracker` and `Run`.
+"""The one place that talks to MLflow (this package and lth.registry_query). Jobs see only `Tracker` and `Run`.
 
 Every call names its run id explicitly (MlflowClient, no fluent active-run state), so several trackers
 and processes can log to one store at once; nesting is the `mlflow.parentRunId` tag.
@@ -7,30 +7,21 @@ and processes can log to one store at once; nesting is the `mlflow.parentRunId` 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
-import logging
-import os
-import random
-import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol, TypeVar
+from typing import Any, Iterator, Mapping, Protocol
 
-import requests  # a dependency of mlflow
-from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from lth.config import Params, TrackingConfig
-from lth.errors import UserError
 from lth.provenance import git_commit
 from lth.tickets import TicketMeta
+from lth.tracking.store import Store, _chunks
+from lth.tracking.store import check_reachable, project_dir, redact, tracking_uri  # noqa: F401 (public API)
 
-T = TypeVar("T")
-# MLflow announces creating and upgrading its sqlite tables at INFO on stderr; lth's stderr is for its own messages.
-logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 PARENT_TAG = "mlflow.parentRunId"
 JOB_KEY_TAG = "lth.job_key"
 TICKET_ARTIFACTS = "ticket"  # run artifact folder holding the ticket directory
@@ -88,161 +79,6 @@ class NullTracker:
 
     def register_ticket(self, run: Run, ticket_dir: Path, meta: TicketMeta) -> None:
         pass
-
-
-# ---------------------------------------------------------------- the store: URI, client, error handling
-
-def project_dir(cwd: Path | None = None) -> Path:
-    """The working directory, or the DVC project whose `.dvc/tmp/exps/...` temporary copy it is."""
-    # `dvc exp run --temp` and `dvc queue` run stages in .dvc/tmp/exps/<...>/tmpXXXX, deleted afterwards.
-    cwd = (cwd or Path.cwd()).resolve()
-    parts = cwd.parts
-    for i in range(len(parts) - 2):
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return cwd
-
-
-def tracking_uri(cfg: TrackingConfig) -> str:
-    """tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///<absolute project dir>/mlflow.db."""
-    # Absolute and outside any `dvc exp run --temp` copy, which would take the runs with it when deleted.
-    uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_dir() / 'mlflow.db'}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{(project_dir() / uri[len('sqlite:///'):]).resolve()}"
-    return uri
-
-
-def redact(uri: str) -> str:
-    """The URI without any user:password part, for messages."""
-    return re.sub(r"//[^/@]*@", "//", uri)
-
-
-def _is_http(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast (UserError) when an http(s) tracking server does not answer GET /health."""
-    if not _is_http(uri):
-        return
-    try:
-        requests.get(uri.rstrip("/") + "/health", timeout=timeout)
-    except requests.RequestException as exc:
-        raise UserError(_unreachable(uri, exc)) from None
-
-
-def _unreachable(uri: str, exc: BaseException) -> str:
-    return (f"MLflow tracking server {redact(uri)} unreachable: {type(exc).__name__}; start it (mlflow server) "
-            "or unset MLFLOW_TRACKING_URI / tracking.uri")
-
-
-def _s3_problem(exc: BaseException, where: str) -> str | None:
-    """A one-line message for S3 credential/endpoint failures (botocore is imported only by boto3)."""
-    kind = type(exc).__name__
-    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL", "the default AWS endpoint")
-    if kind in ("NoCredentialsError", "PartialCredentialsError"):
-        return f"no AWS credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
-    if kind in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
-        return f"S3 endpoint {redact(endpoint)} unreachable for {where}: start it or fix MLFLOW_S3_ENDPOINT_URL"
-    if kind == "ClientError":
-        return f"S3 refused access to {where}: {exc}"
-    return None
-
-
-class Store:
-    """An MlflowClient bound to one tracking URI, with retries and one-line user errors."""
-
-    def __init__(self, cfg: TrackingConfig, attempts: int = 8) -> None:
-        self.cfg = cfg
-        self.uri = tracking_uri(cfg)
-        self.attempts = attempts
-        check_reachable(self.uri)  # before any training, not after the first round
-        self._checked_s3: set[str] = set()
-        if not self.uri.startswith("sqlite:///"):
-            self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-            return
-        # The client creates or upgrades the sqlite tables; MLflow's migrations race when several processes
-        # open a new file at once, so one process at a time does it.
-        db = Path(self.uri[len("sqlite:///"):])
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with open(db.with_name(f"{db.name}.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-            self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-            self.call(self.client.search_registered_models, max_results=1)  # the registry's store, created lazily
-
-    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """fn(*args, **kwargs), retried with backoff while sqlite says "database is locked"."""
-        for attempt in range(self.attempts):
-            try:
-                return fn(*args, **kwargs)
-            except MlflowException as exc:
-                text = str(exc)
-                if "database is locked" in text and attempt < self.attempts - 1:
-                    # Several processes share one sqlite file; the writer holds the lock briefly.
-                    time.sleep(min(0.05 * 2 ** attempt, 2.0) * (1 + random.random()))
-                    continue
-                if _is_http(self.uri) and ("Max retries exceeded" in text or "Connection refused" in text):
-                    raise UserError(_unreachable(self.uri, exc)) from None
-                raise
-            except Exception as exc:
-                message = _s3_problem(exc, "MLflow artifacts")
-                if message is not None:
-                    raise UserError(message) from None
-                if isinstance(exc, requests.ConnectionError):
-                    raise UserError(_unreachable(self.uri, exc)) from None
-                raise
-        raise AssertionError("unreachable")
-
-    def artifact_location(self, experiment: str) -> str | None:
-        """<tracking.artifact_location>/<experiment>, else <db dir>/mlruns/<experiment> for sqlite."""
-        # MLflow's own default for sqlite is ./mlruns of whatever cwd first created the experiment.
-        if self.cfg.artifact_location:
-            return f"{self.cfg.artifact_location.rstrip('/')}/{experiment}"
-        if self.uri.startswith("sqlite:///"):
-            return (Path(self.uri[len("sqlite:///"):]).parent / "mlruns" / experiment).as_uri()
-        return None  # a server decides (e.g. --artifacts-destination)
-
-    def experiment_id(self, name: str) -> str:
-        """The id of experiment `name`, created (or restored) when needed; checks S3 before any run."""
-        exp = self.call(self.client.get_experiment_by_name, name)
-        if exp is None:
-            try:
-                exp_id = self.call(self.client.create_experiment, name,
-                                   artifact_location=self.artifact_location(name))
-            except MlflowException as exc:
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another process created it meanwhile
-                    raise
-                exp_id = self.call(self.client.get_experiment_by_name, name).experiment_id
-            exp = self.call(self.client.get_experiment, exp_id)
-        elif exp.lifecycle_stage == "deleted":
-            self.call(self.client.restore_experiment, exp.experiment_id)
-        self.check_s3(exp.artifact_location)
-        return exp.experiment_id
-
-    def check_s3(self, location: str) -> None:
-        """For s3:// artifact locations logged to directly: credentials and endpoint work (UserError if not)."""
-        if not location.startswith("s3://") or location in self._checked_s3:
-            return
-        import boto3
-        from botocore.config import Config
-
-        bucket = location[len("s3://"):].split("/", 1)[0]
-        # A fresh session: the default one caches credentials it found earlier in this process.
-        s3 = boto3.session.Session().client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL"),
-                          config=Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 1}))
-        try:
-            s3.head_bucket(Bucket=bucket)
-        except Exception as exc:
-            message = _s3_problem(exc, location)
-            if message is None:
-                raise
-            raise UserError(message) from None
-        self._checked_s3.add(location)
-
-
-def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 # ---------------------------------------------------------------- runs
