@@ -12,7 +12,9 @@ Classes (all real acquisitions, none synthetic):
   medical image, microaneurysms, is 102x102 px: too small for three disjoint bands of 48-px patches.
   Gravel's blob-like grains resemble densely packed cells, so it is not trivially separable by texture.
 Everything is converted to grey (ITU-R 601 luma): two of the four sources are greyscale, so colour alone
-would otherwise separate the classes and the demo target would be trivial.
+would otherwise separate the classes and the demo target would be trivial. For the same reason each patch's
+contrast is normalised (zero mean, fixed spread): the images differ in brightness and contrast, which
+would otherwise give the class away without looking at texture.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ SOURCES = (
     SourceImage("retina", "retina", dark_level=20, max_dark_fraction=0.1),
     SourceImage("gravel", "gravel"),
 )
+
+
+def normalise_contrast(patch: np.ndarray, spread: float = 48.0) -> np.ndarray:
+    """uint8 patch with its grey levels standardised to mean 128 and std `spread` (clipped)."""
+    x = patch.astype(np.float64)
+    std = x.std()
+    z = (x - x.mean()) / (std if std > 1e-6 else 1.0)
+    return np.rint(128.0 + spread * z).clip(0, 255).astype(np.uint8)
 
 
 def to_grey(image: np.ndarray) -> np.ndarray:
@@ -116,7 +126,7 @@ def load(dparams: DatasetParams, seed: int, raw_dir: Path, patch: int = PATCH, s
         xs, ys = [], []
         for label, src in enumerate(SOURCES):
             image = images[src.class_name]
-            xs += [image[y : y + patch, x : x + patch] for y, x in coords[src.class_name][split]]
+            xs += [normalise_contrast(image[y : y + patch, x : x + patch]) for y, x in coords[src.class_name][split]]
             ys += [label] * len(coords[src.class_name][split])
         splits[split] = (np.stack(xs), np.array(ys, dtype=np.int64))
     regions = {
@@ -136,6 +146,7 @@ def load(dparams: DatasetParams, seed: int, raw_dir: Path, patch: int = PATCH, s
             "source_sha256": {name: array_sha256(img) for name, img in images.items()},
             "patch": patch,
             "stride": stride,
+            "contrast": "per-patch: mean 128, std 48",
             "regions": regions,
         },
     )
