@@ -86,23 +86,36 @@ class NullTracker:
 class MlflowRun:
     """One MLflow run addressed by id; metrics are buffered and sent with log_batch."""
 
-    def __init__(self, store: Store, run_id: str, *, tags: Mapping[str, str],
-                 flush_every: int = 500, flush_seconds: float = 10.0) -> None:
+    def __init__(self, store: Store, info: Any, *, tags: Mapping[str, str],
+                 flush_every: int = 500, flush_seconds: float = 10.0, fresh: bool = False) -> None:
         self.store = store
-        self.run_id: str | None = run_id
+        self.run_id: str | None = info.run_id
+        self.experiment_id: str = info.experiment_id
+        self.artifact_uri: str = info.artifact_uri
+        self.fresh = fresh  # created by this process: nothing logged yet, so no need to read it back
         self.tags = dict(tags)  # the job's own tags, inherited by its nested runs
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds
         self._metrics: list[Metric] = []
+        self._params: list[Param] = []  # a fresh run's params ride along with its next metrics batch
         self._last_flush = time.monotonic()
         self._last_step = 0
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log params once (values stringified, cut to MLflow's limit); keys already logged are skipped."""
-        have = self.store.call(self.store.client.get_run, self.run_id).data.params
+    def log_params(self, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> None:
+        """Log params once (values stringified, cut to MLflow's limit) and `tags`, in as few calls as possible.
+
+        A fresh run's params are sent with its next metrics batch (at most `flush_seconds` later), which
+        saves one store round trip per run; a reused run skips the keys it already has.
+        """
+        have = {} if self.fresh else self.store.call(self.store.client.get_run, self.run_id).data.params
         items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in have]
-        for chunk in _chunks(items, PARAMS_TAGS_PER_BATCH):
-            self.store.call(self.store.client.log_batch, self.run_id, params=chunk)
+        if self.fresh and not tags:
+            self._params.extend(items)
+            return
+        tag_items = [RunTag(k, str(v)[:MAX_TAG_LEN]) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(items), len(tag_items)), PARAMS_TAGS_PER_BATCH):
+            self.store.call(self.store.client.log_batch, self.run_id, params=items[i:i + PARAMS_TAGS_PER_BATCH],
+                            tags=tag_items[i:i + PARAMS_TAGS_PER_BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Buffer metrics; they are sent every `flush_every` values or `flush_seconds`, and at run end."""
@@ -115,10 +128,13 @@ class MlflowRun:
             self.flush()
 
     def flush(self) -> None:
-        """Send buffered metrics, at most METRICS_PER_BATCH per call."""
-        pending, self._metrics = self._metrics, []
-        for chunk in _chunks(pending, METRICS_PER_BATCH):
-            self.store.call(self.store.client.log_batch, self.run_id, metrics=chunk)
+        """Send buffered metrics (and a fresh run's params), at most MLflow's batch limits per call."""
+        metrics, self._metrics = self._metrics, []
+        params, self._params = self._params, []
+        for i in range(max(-(-len(metrics) // METRICS_PER_BATCH), -(-len(params) // PARAMS_TAGS_PER_BATCH))):
+            self.store.call(self.store.client.log_batch, self.run_id,
+                            metrics=metrics[i * METRICS_PER_BATCH:(i + 1) * METRICS_PER_BATCH],
+                            params=params[i * PARAMS_TAGS_PER_BATCH:(i + 1) * PARAMS_TAGS_PER_BATCH])
         self._last_flush = time.monotonic()
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
@@ -156,6 +172,7 @@ class MlflowTracker:
         self.cfg = cfg
         self.store = Store(cfg)
         self._run_options: dict[str, Any] = {"flush_every": flush_every, "flush_seconds": flush_seconds}
+        self._models: set[str] = set()  # registered models known to exist (saves a failing create per ticket)
 
     def _search(self, exp_id: str, where: str) -> list[Any]:
         return self.store.call(self.store.client.search_runs, [exp_id], filter_string=where,
@@ -192,7 +209,8 @@ class MlflowTracker:
                  if PARENT_TAG not in r.data.tags]
         all_tags = dict(tags) | _provenance_tags() | {JOB_KEY_TAG: key, "mlflow.runName": run_name}
         if found:
-            run_id = found[0].info.run_id
+            info = found[0].info
+            run_id = info.run_id
             self.store.call(self.store.client.update_run, run_id, status="RUNNING")
             # Nested runs still RUNNING under a reused parent belong to a killed try (a finished step whose
             # run was not closed is skipped on resume, so child() would never see it): mark them FAILED.
@@ -200,10 +218,10 @@ class MlflowTracker:
             for old in self._search(exp_id, where):
                 self._mark_stale(old.info.run_id)
         else:
-            run_id = self.store.call(self.store.client.create_run, exp_id, run_name=run_name).info.run_id
-        run = MlflowRun(self.store, run_id, tags=tags, **self._run_options)
-        run.set_tags(all_tags)
-        run.log_params(params)
+            info = self.store.call(self.store.client.create_run, exp_id, run_name=run_name,
+                                   tags={k: str(v)[:MAX_TAG_LEN] for k, v in all_tags.items()}).info
+        run = MlflowRun(self.store, info, tags=tags, fresh=not found, **self._run_options)
+        run.log_params(params, tags=all_tags if found else None)
         with self._lifetime(run):
             yield run
 
@@ -212,15 +230,16 @@ class MlflowTracker:
               tags: Mapping[str, str]) -> Iterator[Run]:
         """A nested run under `parent`; a stale RUNNING one of the same name (a crashed try) is marked FAILED."""
         assert isinstance(parent, MlflowRun) and parent.run_id is not None
-        exp_id = self.store.call(self.store.client.get_run, parent.run_id).info.experiment_id
+        exp_id = parent.experiment_id
         where = f"tags.`{PARENT_TAG}` = {_quote(parent.run_id)} and attributes.run_name = {_quote(run_name)}"
         for old in self._search(exp_id, where):
             if old.info.status in ("RUNNING", "SCHEDULED"):
                 self._mark_stale(old.info.run_id)
-        run_id = self.store.call(self.store.client.create_run, exp_id, run_name=run_name,
-                                 tags={PARENT_TAG: parent.run_id}).info.run_id
-        run = MlflowRun(self.store, run_id, tags=parent.tags, **self._run_options)
-        run.set_tags(parent.tags | dict(tags) | _provenance_tags() | {"mlflow.runName": run_name})
+        all_tags = parent.tags | dict(tags) | _provenance_tags() | {"mlflow.runName": run_name}
+        info = self.store.call(self.store.client.create_run, exp_id, run_name=run_name,
+                               tags={k: str(v)[:MAX_TAG_LEN] for k, v in all_tags.items()}
+                               | {PARENT_TAG: parent.run_id}).info
+        run = MlflowRun(self.store, info, tags=parent.tags, fresh=True, **self._run_options)
         run.log_params(params)
         with self._lifetime(run):
             yield run
@@ -231,15 +250,18 @@ class MlflowTracker:
             return
         assert run.run_id is not None
         run.log_artifacts(ticket_dir, TICKET_ARTIFACTS)
+        assert isinstance(run, MlflowRun)
         name = registered_model_name(meta.source, meta.arch)
         client = self.store.client
-        try:
-            self.store.call(client.create_registered_model, name,
-                            description=f"Lottery tickets found by IMP on {meta.source} ({meta.arch})")
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # an earlier ticket (or another job) created it
-                raise
-        artifact_uri = self.store.call(client.get_run, run.run_id).info.artifact_uri.rstrip("/")
+        if name not in self._models:
+            try:
+                self.store.call(client.create_registered_model, name,
+                                description=f"Lottery tickets found by IMP on {meta.source} ({meta.arch})")
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # an earlier ticket (or another job) created it
+                    raise
+            self._models.add(name)
+        artifact_uri = run.artifact_uri.rstrip("/")
         version = self.store.call(client.create_model_version, name, source=f"{artifact_uri}/{TICKET_ARTIFACTS}",
                                   run_id=run.run_id, tags=version_tags(meta))
         self.store.call(client.set_registered_model_alias, name, ticket_alias(meta.round, meta.seed),
