@@ -57,7 +57,7 @@ def _section(name: str, r: dict) -> list[str]:
         out += [f"No-op `dvc repro` ({r['stages']} stages, temp copy): **{r['noop_median']:.2f} s** median "
                 f"(target <= 2 s: {'met' if r['met_noop'] else 'not met'}); first repro with "
                 f"{r['first_repro_params']} params {r['first_repro_seconds']:.0f} s.",
-                f"Whole demo: " + (f"**{demo:.0f} s** ({r['demo_source']}; target <= 600 s: "
+                "Whole demo: " + (f"**{demo:.0f} s** ({r['demo_source']}; target <= 600 s: "
                                    f"{'met' if r['met_demo'] else 'not met'})." if demo is not None else
                                    "not measured in this run (needs `--demo-log` or `--full`).")]
     elif name == "gpu":

@@ -134,7 +134,7 @@ class _Checkpoint:
             return None
         info = json.loads(self.info.read_text())
         tensors = st_load(self.tensors.read_bytes())
-        if info.get("epoch_tag") != tensors.get("__epoch__", torch.tensor([-1])).tolist()[0]:
+        if info.get("epoch") != tensors.get("__epoch__", torch.tensor([-1])).tolist()[0]:
             return None  # killed between the two writes: the older epoch is gone, start this fit over
         return tensors, info
 
@@ -258,7 +258,6 @@ def fit(
                 tensors,
                 {
                     "epoch": epoch,
-                    "epoch_tag": epoch,
                     "best_epoch": best_epoch,
                     "best_loss": best_loss,
                     "since_best": since_best,
