@@ -1,4 +1,4 @@
-"""`python -m benchmarks [NAME ...] [--quick] [--full] [--demo-log PATH] [--compile]`: run them (default: all)."""
+"""`python -m benchmarks [NAME ...] [--quick] [--full] [--repeats N] [--demo-log PATH] [--compile]`: run them (default: all)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ def main() -> None:
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(NAMES)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke test, noisier figures)")
     parser.add_argument("--full", action="store_true", help="pipeline: also time a full demo `dvc repro` (minutes)")
+    parser.add_argument("--repeats", type=int, metavar="N",
+                        help="tracking_overhead: pairs of untracked/tracked jobs (default 3, 1 with --quick)")
     parser.add_argument("--compile", action="store_true", help="gpu: also time torch.compile (slow to warm up)")
     parser.add_argument("--demo-log", help="pipeline: read the demo's wall time from a `make demo` log")
     args = parser.parse_args()

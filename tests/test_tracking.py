@@ -135,18 +135,48 @@ def test_rerunning_a_job_reuses_its_parent_run(tmp_path: Path) -> None:
 
 
 def test_failed_and_stale_runs(tmp_path: Path) -> None:
-    tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}"))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tracker = MlflowTracker(TrackingConfig(uri=uri))
     client = tracker.store.client
+    # A killed try: the job and one nested run are left RUNNING (their context managers never exit; they are
+    # kept referenced, since a collected generator would close its run).
+    killed = tracker.job("imp/x", "job", params={"a": 1}, tags={})
+    killed_parent = killed.__enter__()
+    killed_child = tracker.child(killed_parent, "round", params={}, tags={})
+    stale_run = killed_child.__enter__()
+    finished_before = tracker.child(killed_parent, "round0", params={}, tags={})
+    with finished_before as done:
+        pass
+    assert client.get_run(stale_run.run_id).info.status == "RUNNING"
+    # The rerun (a new process, so a new tracker) reuses the parent and sweeps its RUNNING children.
+    rerun = MlflowTracker(TrackingConfig(uri=uri))
     with pytest.raises(RuntimeError, match="boom"):
-        with tracker.job("imp/x", "job", params={"a": 1}, tags={}) as parent:
-            stale = tracker.child(parent, "round", params={}, tags={})
-            stale_run = stale.__enter__()  # a crashed try: never ended
-            with tracker.child(parent, "round", params={}, tags={}) as run:
+        with rerun.job("imp/x", "job", params={"a": 1}, tags={}) as parent:
+            assert parent.run_id == killed_parent.run_id
+            old = client.get_run(stale_run.run_id)
+            assert old.info.status == "FAILED" and old.data.tags["lth.stale"] == "true"
+            assert client.get_run(done.run_id).info.status == "FINISHED"  # finished runs are left alone
+            with rerun.child(parent, "round", params={}, tags={}) as run:
                 raise RuntimeError("boom")
     assert client.get_run(parent.run_id).info.status == "FAILED"
     assert client.get_run(run.run_id).info.status == "FAILED"
-    old = client.get_run(stale_run.run_id)
-    assert old.info.status == "FAILED" and old.data.tags["lth.stale"] == "true"
+    for cm in (killed_child, killed):  # close the abandoned runs now, not at interpreter exit
+        cm.gen.close()
+
+
+def test_stale_sweep_pages_through_many_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracking, "SEARCH_PAGE", 2)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tracker = MlflowTracker(TrackingConfig(uri=uri))
+    killed = [tracker.job("imp/x", "job", params={}, tags={})]  # a killed try, its runs left RUNNING
+    parent = killed[0].__enter__()
+    killed += [tracker.child(parent, f"r{i}", params={}, tags={}) for i in range(5)]
+    stale = [cm.__enter__().run_id for cm in killed[1:]]
+    with MlflowTracker(TrackingConfig(uri=uri)).job("imp/x", "job", params={}, tags={}):
+        pass
+    assert {tracker.store.client.get_run(r).info.status for r in stale} == {"FAILED"}
+    for cm in reversed(killed):
+        cm.gen.close()
 
 
 def test_metrics_are_batched_and_long_params_truncated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -312,3 +342,42 @@ def test_registration_can_be_turned_off(tmp_path: Path) -> None:
     run_imp(make_job("toy", 0, params), params, get_tracker(params))
     assert MlflowClient(params.tracking.uri, params.tracking.uri).search_model_versions("name LIKE 'ticket-%'") == []
     assert list_tickets(params) == []
+
+
+def test_queued_write_failure_fails_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes queued for the writer thread still fail loudly: at the job's end, with the job marked FAILED."""
+    tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}"))
+    client = tracker.store.client
+    real = client.log_batch
+
+    def broken(run_id: str, metrics: Any = (), **kw: Any) -> None:
+        if metrics:
+            raise MlflowException("disk full")
+        real(run_id, metrics=metrics, **kw)
+
+    monkeypatch.setattr(client, "log_batch", broken)
+    with pytest.raises(MlflowException, match="disk full"):
+        with tracker.job("imp/x", "job", params={}, tags={}) as parent:
+            with tracker.child(parent, "round", params={}, tags={}) as run:
+                run.log_metrics({"acc": 0.5}, step=1)
+            # The child's metrics are flushed on the writer thread; the job's body does not see the failure.
+    assert client.get_run(parent.run_id).info.status == "FAILED"
+    assert client.get_run(run.run_id).info.status == "FINISHED"  # its end was queued after the failed batch
+
+
+def test_queued_writes_keep_their_order(tmp_path: Path) -> None:
+    """Metric batches, run ends and registrations queued by a job are all in the store when the job ends."""
+    tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}"), flush_every=3)
+    client = tracker.store.client
+    with tracker.job("imp/x", "job", params={}, tags={}) as parent:
+        ids = []
+        for r in range(4):
+            with tracker.child(parent, f"r{r}", params={"round": r}, tags={}) as run:
+                for step in range(7):  # several queued batches per run (flush_every=3)
+                    run.log_metrics({"loss": float(step)}, step=step)
+                ids.append(run.run_id)
+    for run_id in ids:
+        got = client.get_run(run_id)
+        assert got.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(7))
+    assert client.get_run(parent.run_id).info.status == "FINISHED"

@@ -27,6 +27,7 @@ JOB_KEY_TAG = "lth.job_key"
 TICKET_ARTIFACTS = "ticket"  # run artifact folder holding the ticket directory
 MAX_PARAM_LEN, MAX_TAG_LEN = 6000, 8000  # MLflow's value limits
 METRICS_PER_BATCH, PARAMS_TAGS_PER_BATCH = 1000, 100  # MLflow's log_batch limits
+SEARCH_PAGE = 100
 
 
 class Run(Protocol):
@@ -128,20 +129,20 @@ class MlflowRun:
             self.flush()
 
     def flush(self) -> None:
-        """Send buffered metrics (and a fresh run's params), at most MLflow's batch limits per call."""
+        """Queue buffered metrics (and a fresh run's params) for the writer thread, in MLflow's batch sizes."""
         metrics, self._metrics = self._metrics, []
         params, self._params = self._params, []
         for i in range(max(-(-len(metrics) // METRICS_PER_BATCH), -(-len(params) // PARAMS_TAGS_PER_BATCH))):
-            self.store.call(self.store.client.log_batch, self.run_id,
+            self.store.call_later(self.store.client.log_batch, self.run_id,
                             metrics=metrics[i * METRICS_PER_BATCH:(i + 1) * METRICS_PER_BATCH],
                             params=params[i * PARAMS_TAGS_PER_BATCH:(i + 1) * PARAMS_TAGS_PER_BATCH])
         self._last_flush = time.monotonic()
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        """Set tags (values cut to MLflow's limit)."""
+        """Queue tags (values cut to MLflow's limit) for the writer thread."""
         items = [RunTag(k, str(v)[:MAX_TAG_LEN]) for k, v in tags.items()]
         for chunk in _chunks(items, PARAMS_TAGS_PER_BATCH):
-            self.store.call(self.store.client.log_batch, self.run_id, tags=chunk)
+            self.store.call_later(self.store.client.log_batch, self.run_id, tags=chunk)
 
     def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
         """Upload a directory under `artifact_path` of this run."""
@@ -173,18 +174,29 @@ class MlflowTracker:
         self.store = Store(cfg)
         self._run_options: dict[str, Any] = {"flush_every": flush_every, "flush_seconds": flush_seconds}
         self._models: set[str] = set()  # registered models known to exist (saves a failing create per ticket)
+        self._provenance_cache: dict[str, str] | None = None
+
+    def _provenance(self) -> dict[str, str]:
+        """The code's provenance tags, read from git once per tracker (two git processes per call otherwise)."""
+        if self._provenance_cache is None:
+            self._provenance_cache = _provenance_tags()
+        return self._provenance_cache
 
     def _search(self, exp_id: str, where: str) -> list[Any]:
         return self.store.call(self.store.client.search_runs, [exp_id], filter_string=where,
-                               order_by=["attributes.start_time DESC"], max_results=100)
+                               order_by=["attributes.start_time DESC"], max_results=SEARCH_PAGE)
 
     def _mark_stale(self, run_id: str) -> None:
         self.store.call(self.store.client.set_tag, run_id, "lth.stale", "true")
         self.store.call(self.store.client.set_terminated, run_id, "FAILED")
 
     @contextlib.contextmanager
-    def _lifetime(self, run: MlflowRun) -> Iterator[MlflowRun]:
-        """FINISHED when the block ends, FAILED (KILLED on Ctrl-C) when it raises; the exception propagates."""
+    def _lifetime(self, run: MlflowRun, *, wait: bool) -> Iterator[MlflowRun]:
+        """FINISHED when the block ends, FAILED (KILLED on Ctrl-C) when it raises; the exception propagates.
+
+        A nested run's last metrics and its end are queued (the job goes on); a job (`wait`) waits for all its
+        queued writes before it is marked ended, so a finished job is completely in the store.
+        """
         status = "FAILED"
         try:
             yield run
@@ -196,7 +208,16 @@ class MlflowTracker:
             try:
                 run.flush()
             finally:
-                self.store.call(self.store.client.set_terminated, run.run_id, status)
+                if wait:
+                    written = False
+                    try:
+                        self.store.drain()
+                        written = True
+                    finally:
+                        self.store.call(self.store.client.set_terminated, run.run_id,
+                                        status if written else "FAILED")
+                else:
+                    self.store.call_later(self.store.client.set_terminated, run.run_id, status)
 
     @contextlib.contextmanager
     def job(self, experiment: str, run_name: str, *, params: Mapping[str, Any],
@@ -207,52 +228,59 @@ class MlflowTracker:
         found = [r for r in self._search(exp_id, f"tags.`{JOB_KEY_TAG}` = {_quote(key)} "
                                                   f"and attributes.run_name = {_quote(run_name)}")
                  if PARENT_TAG not in r.data.tags]
-        all_tags = dict(tags) | _provenance_tags() | {JOB_KEY_TAG: key, "mlflow.runName": run_name}
+        all_tags = dict(tags) | self._provenance() | {JOB_KEY_TAG: key, "mlflow.runName": run_name}
         if found:
             info = found[0].info
             run_id = info.run_id
             self.store.call(self.store.client.update_run, run_id, status="RUNNING")
-            # Nested runs still RUNNING under a reused parent belong to a killed try (a finished step whose
-            # run was not closed is skipped on resume, so child() would never see it): mark them FAILED.
+            # Nested runs still RUNNING under a reused parent belong to a killed try: mark them FAILED. This is
+            # the only sweep (child() relies on it), so it pages through all of them.
             where = f"tags.`{PARENT_TAG}` = {_quote(run_id)} and attributes.status = 'RUNNING'"
-            for old in self._search(exp_id, where):
-                self._mark_stale(old.info.run_id)
+            while stale := self._search(exp_id, where):  # marked runs drop out of the next search
+                for old in stale:
+                    self._mark_stale(old.info.run_id)
+                if len(stale) < SEARCH_PAGE:
+                    break
         else:
             info = self.store.call(self.store.client.create_run, exp_id, run_name=run_name,
                                    tags={k: str(v)[:MAX_TAG_LEN] for k, v in all_tags.items()}).info
         run = MlflowRun(self.store, info, tags=tags, fresh=not found, **self._run_options)
         run.log_params(params, tags=all_tags if found else None)
-        with self._lifetime(run):
+        with self._lifetime(run, wait=True):
             yield run
 
     @contextlib.contextmanager
     def child(self, parent: Run, run_name: str, *, params: Mapping[str, Any],
               tags: Mapping[str, str]) -> Iterator[Run]:
-        """A nested run under `parent`; a stale RUNNING one of the same name (a crashed try) is marked FAILED."""
+        """A nested run under `parent` (stale runs of a crashed try were marked FAILED when job() reused it)."""
         assert isinstance(parent, MlflowRun) and parent.run_id is not None
-        exp_id = parent.experiment_id
-        where = f"tags.`{PARENT_TAG}` = {_quote(parent.run_id)} and attributes.run_name = {_quote(run_name)}"
-        for old in self._search(exp_id, where):
-            if old.info.status in ("RUNNING", "SCHEDULED"):
-                self._mark_stale(old.info.run_id)
-        all_tags = parent.tags | dict(tags) | _provenance_tags() | {"mlflow.runName": run_name}
-        info = self.store.call(self.store.client.create_run, exp_id, run_name=run_name,
+        # No search for stale runs of the same name here: a parent comes only from job(), which is either new
+        # (no children yet) or reused, and then job() has already marked its still-RUNNING children FAILED.
+        # That saves a store round trip per nested run (benchmarks/tracking_overhead).
+        all_tags = parent.tags | dict(tags) | self._provenance() | {"mlflow.runName": run_name}
+        info = self.store.call(self.store.client.create_run, parent.experiment_id, run_name=run_name,
                                tags={k: str(v)[:MAX_TAG_LEN] for k, v in all_tags.items()}
                                | {PARENT_TAG: parent.run_id}).info
         run = MlflowRun(self.store, info, tags=parent.tags, fresh=True, **self._run_options)
         run.log_params(params)
-        with self._lifetime(run):
+        with self._lifetime(run, wait=False):
             yield run
 
     def register_ticket(self, run: Run, ticket_dir: Path, meta: TicketMeta) -> None:
-        """Upload the ticket directory under `ticket/` and make it a version of ticket-<source>-<arch>."""
+        """Upload the ticket directory under `ticket/` and make it a version of ticket-<source>-<arch>.
+
+        Queued for the writer thread (the next round trains meanwhile); the ticket directory is complete and
+        never changes once written. The job waits for it before it ends.
+        """
         if not self.cfg.register:
             return
-        assert run.run_id is not None
-        run.log_artifacts(ticket_dir, TICKET_ARTIFACTS)
-        assert isinstance(run, MlflowRun)
-        name = registered_model_name(meta.source, meta.arch)
+        assert isinstance(run, MlflowRun) and run.run_id is not None
+        self.store.submit(self._register, run.run_id, run.artifact_uri, ticket_dir, meta)
+
+    def _register(self, run_id: str, artifact_uri: str, ticket_dir: Path, meta: TicketMeta) -> None:
         client = self.store.client
+        self.store.call(client.log_artifacts, run_id, str(ticket_dir), TICKET_ARTIFACTS)
+        name = registered_model_name(meta.source, meta.arch)
         if name not in self._models:
             try:
                 self.store.call(client.create_registered_model, name,
@@ -261,9 +289,9 @@ class MlflowTracker:
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # an earlier ticket (or another job) created it
                     raise
             self._models.add(name)
-        artifact_uri = run.artifact_uri.rstrip("/")
-        version = self.store.call(client.create_model_version, name, source=f"{artifact_uri}/{TICKET_ARTIFACTS}",
-                                  run_id=run.run_id, tags=version_tags(meta))
+        version = self.store.call(client.create_model_version, name,
+                                  source=f"{artifact_uri.rstrip('/')}/{TICKET_ARTIFACTS}",
+                                  run_id=run_id, tags=version_tags(meta))
         self.store.call(client.set_registered_model_alias, name, ticket_alias(meta.round, meta.seed),
                         version.version)
 

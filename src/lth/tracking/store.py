@@ -8,6 +8,7 @@ import os
 import random
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -89,6 +90,8 @@ class Store:
         self.attempts = attempts
         check_reachable(self.uri)  # before any training, not after the first round
         self._checked_s3: set[str] = set()
+        self._writer: ThreadPoolExecutor | None = None  # one thread: queued writes run in submission order
+        self._pending: list[Future[Any]] = []
         if not self.uri.startswith("sqlite:///"):
             self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
             return
@@ -123,6 +126,36 @@ class Store:
                     raise UserError(_unreachable(self.uri, exc)) from None
                 raise
         raise AssertionError("unreachable")
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run fn(*args, **kwargs) on the store's writer thread, after everything submitted before it.
+
+        For writes the job need not wait for (metric batches, run ends, ticket registration): training goes on
+        meanwhile. A failure is raised on the caller's thread, with its traceback, at the next submit or drain.
+        The thread is joined at interpreter exit, so queued writes are not lost when a command returns.
+        """
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lth-mlflow")
+        self._pending.append(self._writer.submit(fn, *args, **kwargs))
+        self._raise_failed()  # after queuing: a run's end is still written when an earlier write failed
+
+    def call_later(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """`call(fn, ...)` (with its retries) on the writer thread; see submit."""
+        self.submit(self.call, fn, *args, **kwargs)
+
+    def drain(self) -> None:
+        """Wait for every submitted write; raise the first failure."""
+        pending, self._pending = self._pending, []
+        failures = [exc for exc in (f.exception() for f in pending) if exc is not None]
+        if failures:
+            raise failures[0]
+
+    def _raise_failed(self) -> None:
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for f in done:
+            if (exc := f.exception()) is not None:
+                raise exc
 
     def artifact_location(self, experiment: str) -> str | None:
         """<tracking.artifact_location>/<experiment>, else <db dir>/mlruns/<experiment> for sqlite."""
