@@ -15,7 +15,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke test, noisier figures)")
     parser.add_argument("--full", action="store_true", help="pipeline: also time a full demo `dvc repro` (minutes)")
     parser.add_argument("--repeats", type=int, metavar="N",
-                        help="tracking_overhead: pairs of untracked/tracked jobs (default 3, 1 with --quick)")
+                        help="tracking_overhead: pairs of untracked/tracked jobs (default 5, 1 with --quick)")
     parser.add_argument("--compile", action="store_true", help="gpu: also time torch.compile (slow to warm up)")
     parser.add_argument("--demo-log", help="pipeline: read the demo's wall time from a `make demo` log")
     args = parser.parse_args()

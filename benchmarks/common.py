@@ -34,7 +34,9 @@ def machine() -> dict[str, Any]:
 
 def command(name: str) -> str:
     """The command that reproduces one benchmark."""
-    extra = " ".join(a for a in sys.argv[1:] if a.startswith("--"))
+    from benchmarks.__main__ import NAMES
+
+    extra = " ".join(a for a in sys.argv[1:] if a not in NAMES)  # the options, with their values
     return f".venv/bin/python -m benchmarks {name}" + (f" {extra}" if extra else "")
 
 

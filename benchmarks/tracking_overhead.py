@@ -135,10 +135,10 @@ def _job_seconds(params, tracker) -> float:
 
 def run(args) -> dict:
     quick = getattr(args, "quick", False)
-    # Full: the demo's own IMP job (real Fashion-MNIST subset, demo rounds and epochs), 3 pairs. Quick, or
+    # Full: the demo's own IMP job (real Fashion-MNIST subset, demo rounds and epochs), 5 pairs. Quick, or
     # without the Debian data: a synthetic demo-sized source, 1 round of at most 3 epochs, 1 pair.
     rounds, epochs = (1, 3) if quick else (None, None)
-    pairs = getattr(args, "repeats", None) or (1 if quick else 3)
+    pairs = getattr(args, "repeats", None) or (1 if quick else 5)
     with tempfile.TemporaryDirectory(prefix="lth-bench-") as tmp_name:
         tmp = Path(tmp_name)
         params = _params(tmp, rounds, epochs)
