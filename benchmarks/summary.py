@@ -18,8 +18,8 @@ well above the core count are not reliable (mask_overhead ratios from 0.66x to 1
 """
 
 
-def _load(name: str) -> dict | None:
-    path = RESULTS / f"{name}.json"
+def _load(results: Path, name: str) -> dict | None:
+    path = results / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -80,13 +80,18 @@ def _section(name: str, r: dict) -> list[str]:
     return out + [""]
 
 
-def main() -> None:
+def render(results: Path = RESULTS) -> str:
+    """RESULTS.md's text from the JSON results in `results`."""
     lines = [HEAD]
     for name in ("mask_overhead", "data_path", "tracking_overhead", "pipeline", "gpu", "gpu_smoke"):
-        r = _load(name)
+        r = _load(results, name)
         if r is not None:
             lines += _section(name, r)
-    (Path(__file__).resolve().parent / "RESULTS.md").write_text("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    (Path(__file__).resolve().parent / "RESULTS.md").write_text(render())
 
 
 if __name__ == "__main__":
