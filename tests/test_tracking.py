@@ -381,3 +381,41 @@ def test_queued_writes_keep_their_order(tmp_path: Path) -> None:
         assert got.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(7))
     assert client.get_run(parent.run_id).info.status == "FINISHED"
+
+
+class _KilledBeforeRegistering(MlflowTracker):
+    """A try killed between writing round `skip`'s ticket and registering it (the ticket is on disk only)."""
+
+    def __init__(self, cfg: TrackingConfig, skip: int) -> None:
+        super().__init__(cfg)
+        self.skip = skip
+
+    def register_ticket(self, run: Any, ticket_dir: Path, meta: Any) -> None:
+        if meta.round != self.skip:
+            super().register_ticket(run, ticket_dir, meta)
+
+
+def test_resume_registers_a_ticket_a_killed_try_left_unregistered(tmp_path: Path) -> None:
+    write_toy(tmp_path / "data")
+    params = tiny_params(tmp_path)
+    job = make_job("toy", 0, params)
+    run_imp(job, params, _KilledBeforeRegistering(params.tracking, skip=2))
+    client = MlflowClient(params.tracking.uri, params.tracking.uri)
+    name = tracking.registered_model_name("toy", params.model.name)
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias(name, "r02-s0")
+    runs_before = len(_runs(client, "imp/toy"))
+
+    dirs = run_imp(job, params, get_tracker(params))  # every round is on disk: nothing trains
+    version = client.get_model_version_by_alias(name, "r02-s0")
+    assert version.tags["weights_sha256"] == load_ticket(dirs[2]).meta.sha256["weights.safetensors"]
+    assert version.tags["round"] == "2" and version.tags["sparsity"] == f"{load_ticket(dirs[2]).meta.sparsity:.4f}"
+    catch_up = client.get_run(version.run_id)
+    assert catch_up.data.tags["lth.registered_on_resume"] == "true" and catch_up.info.run_name == "imp toy s0 r02"
+    assert "test_acc" in catch_up.data.metrics and catch_up.info.status == "FINISHED"
+    assert len(_runs(client, "imp/toy")) == runs_before + 1  # rounds 0 and 1 were registered: left alone
+    assert len(client.search_model_versions(f"name = '{name}'")) == ROUNDS + 1
+
+    run_imp(job, params, get_tracker(params))  # idempotent: a third run adds nothing
+    assert len(client.search_model_versions(f"name = '{name}'")) == ROUNDS + 1
+    assert len(_runs(client, "imp/toy")) == runs_before + 1

@@ -22,7 +22,7 @@ from lth.fsutil import atomic_write_bytes
 from lth.models import build_model
 from lth.provenance import code_version, data_version
 from lth.pruning import Mask, apply_mask, full_mask, prune_global, sparsity, sparsity_report
-from lth.tickets import MASK, TicketMeta, load_ticket, save_ticket, ticket_dir
+from lth.tickets import MASK, META, TicketMeta, load_ticket, read_meta, save_ticket, ticket_dir
 from lth.tracking import NullTracker, Run, Tracker
 from lth.training import EpochMetrics, evaluate, fit, summary_metrics
 
@@ -97,6 +97,24 @@ def _log_epoch(run: Run):
     return log
 
 
+def _round_run(job: ImpJob, round_: int, frac: float, params: Params) -> tuple[str, dict, dict[str, str]]:
+    """Name, params and tags of a round's nested MLflow run."""
+    tags = {"source": job.source, "seed": str(job.seed), "round": str(round_), "arch": params.model.name,
+            "train_fraction": f"{job.train_fraction:g}",
+            "sparsity": f"{frac:.4f}", "rewind_epoch": str(job.rewind_epoch)}
+    return f"imp {job.label} s{job.seed} r{round_:02d}", {"round": round_, "sparsity": round(frac, 6)}, tags
+
+
+def _catch_up_registration(job: ImpJob, directory: Path, params: Params, tracker: Tracker, parent: Run) -> None:
+    """A ticket a killed try wrote but may not have registered: register it unless the registry has it."""
+    if job.train_fraction < 1:
+        return
+    meta = read_meta(directory)
+    name, run_params, tags = _round_run(job, meta.round, meta.sparsity, params)
+    tracker.ensure_registered(parent, name, directory, meta, params=run_params, tags=tags,
+                              metrics=summary_metrics(meta.metrics))
+
+
 def _train_round(
     job: ImpJob, round_: int, data: PreparedDataset, params: Params, tracker: Tracker, parent: Run,
     start_state: dict[str, torch.Tensor], mask: Mask, keep_epochs: list[int],
@@ -106,12 +124,9 @@ def _train_round(
     model = build_model(params.model, data.num_classes, job.seed)
     model.load_state_dict(start_state)
     frac = sparsity(mask)
-    name = f"imp {job.label} s{job.seed} r{round_:02d}"
-    tags = {"source": job.source, "seed": str(job.seed), "round": str(round_), "arch": params.model.name,
-            "train_fraction": f"{job.train_fraction:g}",
-            "sparsity": f"{frac:.4f}", "rewind_epoch": str(job.rewind_epoch)}
+    name, run_params, tags = _round_run(job, round_, frac, params)
     ckpt = job.out_dir / ".checkpoints" / f"round{round_:02d}.safetensors"
-    with tracker.child(parent, name, params={"round": round_, "sparsity": round(frac, 6)}, tags=tags) as run:
+    with tracker.child(parent, name, params=run_params, tags=tags) as run:
         result = fit(model, data.train, data.val, norm, params.train, seed=job.seed * 1000 + round_, mask=mask,
                      keep_epochs=keep_epochs, on_epoch=_log_epoch(run), desc=name, checkpoint=ckpt)
         model.load_state_dict(result.best_state)
@@ -138,7 +153,7 @@ def _train_round(
         out = save_ticket(_round_dir(job, round_), meta, apply_mask(rewind, mask), mask,
                           trained=apply_mask(result.best_state, mask), extra_json=extra)
         if job.train_fraction >= 1:
-            tracker.register_ticket(run, out, meta)
+            tracker.register_ticket(run, out, read_meta(out))  # as saved: with the files' sha256
     for p in (ckpt, ckpt.with_suffix(".json")):
         p.unlink(missing_ok=True)
     return out, result.kept
@@ -150,6 +165,7 @@ def _ensure_dense(job: ImpJob, data: PreparedDataset, params: Params, tracker: T
     have_round = (_round_dir(job, 0) / MASK).is_file()
     have_ckpts = all(dense_checkpoint(job, e).is_file() for e in need)
     if have_round and have_ckpts:
+        _catch_up_registration(job, _round_dir(job, 0), params, tracker, parent)
         return
     model = build_model(params.model, data.num_classes, job.seed)
     init = {k: v.clone() for k, v in model.state_dict().items()}
@@ -172,7 +188,8 @@ def run_imp(job: ImpJob, params: Params, tracker: Tracker | None = None) -> list
         for round_ in tqdm(range(1, job.rounds + 1), desc=f"imp {job.label} s{job.seed}", unit="round",
                            disable=None):
             out = _round_dir(job, round_)
-            if (out / "ticket.json").is_file():
+            if (out / META).is_file():
+                _catch_up_registration(job, out, params, tracker, parent)
                 dirs.append(out)
                 continue
             prev = load_ticket(_round_dir(job, round_ - 1), with_trained=True)

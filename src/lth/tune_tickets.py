@@ -79,6 +79,12 @@ class TuneImpTracker:
     def register_ticket(self, run: Run, ticket_dir: Path, meta: TicketMeta) -> None:
         """Not registered: the registry holds the study's tickets only."""
 
+    def ensure_registered(self, parent: Run, run_name: str, ticket_dir: Path, meta: TicketMeta, *,
+                          params: Mapping[str, Any], tags: Mapping[str, str],
+                          metrics: Mapping[str, float]) -> bool:
+        """Not registered (see register_ticket)."""
+        return False
+
 
 def ensure_dense(source: str, params: Params, tracker: Tracker) -> None:
     """The source's dense run (round 0 + checkpoints of every rewind epoch), trained if missing."""

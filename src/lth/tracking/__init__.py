@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from lth.config import Params, TrackingConfig
 from lth.provenance import git_commit
-from lth.tickets import TicketMeta
+from lth.tickets import WEIGHTS, TicketMeta
 from lth.tracking.store import Store, _chunks
 from lth.tracking.store import check_reachable, project_dir, redact, tracking_uri  # noqa: F401 (public API)
 
@@ -47,6 +47,9 @@ class Tracker(Protocol):
     def job(self, experiment: str, run_name: str, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> contextlib.AbstractContextManager[Run]: ...
     def child(self, parent: Run, run_name: str, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> contextlib.AbstractContextManager[Run]: ...
     def register_ticket(self, run: Run, ticket_dir: Path, meta: TicketMeta) -> None: ...
+    def ensure_registered(self, parent: Run, run_name: str, ticket_dir: Path, meta: TicketMeta, *,
+                          params: Mapping[str, Any], tags: Mapping[str, str],
+                          metrics: Mapping[str, float]) -> bool: ...
 
 
 class NullRun:
@@ -80,6 +83,11 @@ class NullTracker:
 
     def register_ticket(self, run: Run, ticket_dir: Path, meta: TicketMeta) -> None:
         pass
+
+    def ensure_registered(self, parent: Run, run_name: str, ticket_dir: Path, meta: TicketMeta, *,
+                          params: Mapping[str, Any], tags: Mapping[str, str],
+                          metrics: Mapping[str, float]) -> bool:
+        return False
 
 
 # ---------------------------------------------------------------- runs
@@ -277,6 +285,31 @@ class MlflowTracker:
         assert isinstance(run, MlflowRun) and run.run_id is not None
         self.store.submit(self._register, run.run_id, run.artifact_uri, ticket_dir, meta)
 
+    def ensure_registered(self, parent: Run, run_name: str, ticket_dir: Path, meta: TicketMeta, *,
+                          params: Mapping[str, Any], tags: Mapping[str, str],
+                          metrics: Mapping[str, float]) -> bool:
+        """Register a ticket found on disk unless its alias already names this very ticket; True if it did.
+
+        A try killed after a round's ticket was written but before it was registered leaves the ticket on disk
+        and the registry without it; the resumed job skips that round, so it registers the ticket here, under a
+        new nested run `run_name` (tagged lth.registered_on_resume). One lookup per ticket found on disk.
+        """
+        if not self.cfg.register:
+            return False
+        name = registered_model_name(meta.source, meta.arch)
+        try:
+            current = self.store.call(self.store.client.get_model_version_by_alias, name,
+                                      ticket_alias(meta.round, meta.seed))
+            if current.tags.get("weights_sha256") == meta.sha256.get(WEIGHTS):
+                return False
+        except MlflowException as exc:  # no such model, or no such alias
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+        with self.child(parent, run_name, params=params, tags=dict(tags) | {"lth.registered_on_resume": "true"}) as run:
+            run.log_metrics(metrics)
+            self.register_ticket(run, ticket_dir, meta)
+        return True
+
     def _register(self, run_id: str, artifact_uri: str, ticket_dir: Path, meta: TicketMeta) -> None:
         client = self.store.client
         self.store.call(client.log_artifacts, run_id, str(ticket_dir), TICKET_ARTIFACTS)
@@ -310,7 +343,8 @@ def version_tags(meta: TicketMeta) -> dict[str, str]:
     """Registry tags of a ticket version (strings: registry filters compare strings with = and LIKE)."""
     return {"source": meta.source, "arch": meta.arch, "seed": str(meta.seed), "round": str(meta.round),
             "sparsity": f"{meta.sparsity:.4f}", "rewind_epoch": str(meta.rewind_epoch),
-            "data_version": meta.data_version, "code_version": meta.code_version}
+            "data_version": meta.data_version, "code_version": meta.code_version,
+            "weights_sha256": meta.sha256.get(WEIGHTS, "")}
 
 
 def get_tracker(params: Params) -> Tracker:
