@@ -56,5 +56,8 @@ def test_mlflow_run_imp(study: Params, tmp_path: Path) -> None:
     runs = client.search_runs([imp_exp.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.run_name for r in parents] == ["imp fashion-mnist s0"]
+    # The project run and the job's parent run name each other.
+    assert parents[0].data.tags["lth.project_run_id"] == project_runs[0].info.run_id
+    assert project_runs[0].data.tags["lth.job_run_id"] == parents[0].info.run_id
     nested = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id)
     assert nested == ["imp fashion-mnist s0 r00", "imp fashion-mnist s0 r01"]

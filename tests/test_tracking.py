@@ -419,3 +419,18 @@ def test_resume_registers_a_ticket_a_killed_try_left_unregistered(tmp_path: Path
     run_imp(job, params, get_tracker(params))  # idempotent: a third run adds nothing
     assert len(client.search_model_versions(f"name = '{name}'")) == ROUNDS + 1
     assert len(_runs(client, "imp/toy")) == runs_before + 1
+
+
+def test_a_job_under_mlflow_run_links_the_project_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}"))
+    client = tracker.store.client
+    project = client.create_run(client.create_experiment("project")).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", project)
+    with tracker.job("imp/x", "job", params={}, tags={}) as parent:
+        pass
+    assert client.get_run(parent.run_id).data.tags[tracking.PROJECT_RUN_TAG] == project
+    assert client.get_run(project).data.tags[tracking.JOB_RUN_TAG] == parent.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)  # a run of another store: ignored, the job still runs
+    with tracker.job("imp/y", "job", params={}, tags={}) as other:
+        pass
+    assert tracking.PROJECT_RUN_TAG not in client.get_run(other.run_id).data.tags

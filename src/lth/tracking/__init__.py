@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol
@@ -24,6 +25,9 @@ from lth.tracking.store import check_reachable, project_dir, redact, tracking_ur
 
 PARENT_TAG = "mlflow.parentRunId"
 JOB_KEY_TAG = "lth.job_key"
+PROJECT_RUN_ENV = "MLFLOW_RUN_ID"  # set by `mlflow run` for the command it launches
+PROJECT_RUN_TAG = "lth.project_run_id"  # on a job's parent run: the `mlflow run` run that launched it
+JOB_RUN_TAG = "lth.job_run_id"  # on that project run: the job's parent run
 TICKET_ARTIFACTS = "ticket"  # run artifact folder holding the ticket directory
 MAX_PARAM_LEN, MAX_TAG_LEN = 6000, 8000  # MLflow's value limits
 METRICS_PER_BATCH, PARAMS_TAGS_PER_BATCH = 1000, 100  # MLflow's log_batch limits
@@ -254,8 +258,26 @@ class MlflowTracker:
                                    tags={k: str(v)[:MAX_TAG_LEN] for k, v in all_tags.items()}).info
         run = MlflowRun(self.store, info, tags=tags, fresh=not found, **self._run_options)
         run.log_params(params, tags=all_tags if found else None)
+        self._link_project_run(run)
         with self._lifetime(run, wait=True):
             yield run
+
+    def _link_project_run(self, run: MlflowRun) -> None:
+        """Under `mlflow run`, tag the project's run and the job's parent run with each other's id.
+
+        The job keeps its own parent run in its own experiment (so a rerun finds it again, whatever launched
+        it); the project run, in the experiment `mlflow run` chose, points to it. A MLFLOW_RUN_ID this store
+        does not know (another tracking URI) is left alone.
+        """
+        project_run = os.environ.get(PROJECT_RUN_ENV)
+        if not project_run or project_run == run.run_id:
+            return
+        try:
+            self.store.call(self.store.client.get_run, project_run)
+        except MlflowException:
+            return
+        run.set_tags({PROJECT_RUN_TAG: project_run})
+        self.store.call_later(self.store.client.set_tag, project_run, JOB_RUN_TAG, run.run_id)
 
     @contextlib.contextmanager
     def child(self, parent: Run, run_name: str, *, params: Mapping[str, Any],
