@@ -97,11 +97,13 @@ def _log_epoch(run: Run):
     return log
 
 
-def _round_run(job: ImpJob, round_: int, frac: float, params: Params) -> tuple[str, dict, dict[str, str]]:
-    """Name, params and tags of a round's nested MLflow run."""
+def _round_run(job: ImpJob, round_: int, frac: float, params: Params,
+               rewind_epoch: int | None = None) -> tuple[str, dict, dict[str, str]]:
+    """Name, params and tags of a round's nested MLflow run (rewind epoch: the job's unless given)."""
+    rewind = job.rewind_epoch if rewind_epoch is None else rewind_epoch
     tags = {"source": job.source, "seed": str(job.seed), "round": str(round_), "arch": params.model.name,
             "train_fraction": f"{job.train_fraction:g}",
-            "sparsity": f"{frac:.4f}", "rewind_epoch": str(job.rewind_epoch)}
+            "sparsity": f"{frac:.4f}", "rewind_epoch": str(rewind)}
     return f"imp {job.label} s{job.seed} r{round_:02d}", {"round": round_, "sparsity": round(frac, 6)}, tags
 
 
@@ -110,7 +112,7 @@ def _catch_up_registration(job: ImpJob, directory: Path, params: Params, tracker
     if job.train_fraction < 1:
         return
     meta = read_meta(directory)
-    name, run_params, tags = _round_run(job, meta.round, meta.sparsity, params)
+    name, run_params, tags = _round_run(job, meta.round, meta.sparsity, params, meta.rewind_epoch)
     tracker.ensure_registered(parent, name, directory, meta, params=run_params, tags=tags,
                               metrics=summary_metrics(meta.metrics))
 

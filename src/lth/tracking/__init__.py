@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol
@@ -19,10 +21,11 @@ from mlflow.exceptions import MlflowException
 
 from lth.config import Params, TrackingConfig
 from lth.provenance import git_commit
-from lth.tickets import WEIGHTS, TicketMeta
+from lth.tickets import META, WEIGHTS, TicketMeta
 from lth.tracking.store import Store, _chunks
 from lth.tracking.store import check_reachable, project_dir, redact, tracking_uri  # noqa: F401 (public API)
 
+log = logging.getLogger(__name__)
 PARENT_TAG = "mlflow.parentRunId"
 JOB_KEY_TAG = "lth.job_key"
 PROJECT_RUN_ENV = "MLFLOW_RUN_ID"  # set by `mlflow run` for the command it launches
@@ -42,7 +45,6 @@ class Run(Protocol):
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
-    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None: ...
 
 
 class Tracker(Protocol):
@@ -68,9 +70,6 @@ class NullRun:
         pass
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        pass
-
-    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
         pass
 
 
@@ -156,10 +155,6 @@ class MlflowRun:
         for chunk in _chunks(items, PARAMS_TAGS_PER_BATCH):
             self.store.call_later(self.store.client.log_batch, self.run_id, tags=chunk)
 
-    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
-        """Upload a directory under `artifact_path` of this run."""
-        self.store.call(self.store.client.log_artifacts, self.run_id, str(local_dir), artifact_path)
-
 
 def job_key(experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
     """Identity of a job: same experiment, name, params and tags -> same parent run on a rerun."""
@@ -187,6 +182,7 @@ class MlflowTracker:
         self._run_options: dict[str, Any] = {"flush_every": flush_every, "flush_seconds": flush_seconds}
         self._models: set[str] = set()  # registered models known to exist (saves a failing create per ticket)
         self._provenance_cache: dict[str, str] | None = None
+        self._jobs = 0  # jobs open in this tracker (a job may run others inside it)
 
     def _provenance(self) -> dict[str, str]:
         """The code's provenance tags, read from git once per tracker (two git processes per call otherwise)."""
@@ -207,7 +203,9 @@ class MlflowTracker:
         """FINISHED when the block ends, FAILED (KILLED on Ctrl-C) when it raises; the exception propagates.
 
         A nested run's last metrics and its end are queued (the job goes on); a job (`wait`) waits for all its
-        queued writes before it is marked ended, so a finished job is completely in the store.
+        queued writes before it is marked ended, so a finished job is completely in the store. A failed write
+        is raised when the block succeeded; when the block raised, its own exception goes on and the failed
+        write is logged.
         """
         status = "FAILED"
         try:
@@ -218,18 +216,31 @@ class MlflowTracker:
             raise
         finally:
             try:
-                run.flush()
-            finally:
-                if wait:
-                    written = False
-                    try:
-                        self.store.drain()
-                        written = True
-                    finally:
-                        self.store.call(self.store.client.set_terminated, run.run_id,
-                                        status if written else "FAILED")
-                else:
-                    self.store.call_later(self.store.client.set_terminated, run.run_id, status)
+                self._end(run, status, wait=wait)
+            except Exception as exc:
+                if status == "FINISHED":
+                    raise
+                log.warning("MLflow write failed while ending run %s after an error: %s", run.run_id, exc)
+
+    def _end(self, run: MlflowRun, status: str, *, wait: bool) -> None:
+        """Flush and end `run` (a job first waits for every queued write); raise the first failed write."""
+        error: Exception | None = None
+
+        def attempt(fn: Any, *args: Any) -> None:
+            nonlocal error
+            try:
+                fn(*args)
+            except Exception as exc:
+                error = error or exc
+
+        attempt(run.flush)
+        if wait:
+            attempt(self.store.drain)
+            self.store.call(self.store.client.set_terminated, run.run_id, "FAILED" if error else status)
+        else:  # queued even after a failure (call_later queues first, then raises earlier failures)
+            attempt(self.store.call_later, self.store.client.set_terminated, run.run_id, status)
+        if error is not None:
+            raise error
 
     @contextlib.contextmanager
     def job(self, experiment: str, run_name: str, *, params: Mapping[str, Any],
@@ -257,10 +268,16 @@ class MlflowTracker:
             info = self.store.call(self.store.client.create_run, exp_id, run_name=run_name,
                                    tags={k: str(v)[:MAX_TAG_LEN] for k, v in all_tags.items()}).info
         run = MlflowRun(self.store, info, tags=tags, fresh=not found, **self._run_options)
-        run.log_params(params, tags=all_tags if found else None)
-        self._link_project_run(run)
-        with self._lifetime(run, wait=True):
-            yield run
+        outermost = self._jobs == 0  # tune and transfer run IMP jobs inside their own
+        self._jobs += 1
+        try:
+            with self._lifetime(run, wait=True):
+                run.log_params(params, tags=all_tags if found else None)
+                if outermost:
+                    self._link_project_run(run)
+                yield run
+        finally:
+            self._jobs -= 1
 
     def _link_project_run(self, run: MlflowRun) -> None:
         """Under `mlflow run`, tag the project's run and the job's parent run with each other's id.
@@ -273,11 +290,10 @@ class MlflowTracker:
         if not project_run or project_run == run.run_id:
             return
         try:
-            self.store.call(self.store.client.get_run, project_run)
+            self.store.call(self.store.client.set_tag, project_run, JOB_RUN_TAG, run.run_id)
         except MlflowException:
             return
         run.set_tags({PROJECT_RUN_TAG: project_run})
-        self.store.call_later(self.store.client.set_tag, project_run, JOB_RUN_TAG, run.run_id)
 
     @contextlib.contextmanager
     def child(self, parent: Run, run_name: str, *, params: Mapping[str, Any],
@@ -319,10 +335,17 @@ class MlflowTracker:
         if not self.cfg.register:
             return False
         name = registered_model_name(meta.source, meta.arch)
+        weights = meta.sha256.get(WEIGHTS, "")
         try:
             current = self.store.call(self.store.client.get_model_version_by_alias, name,
                                       ticket_alias(meta.round, meta.seed))
-            if current.tags.get("weights_sha256") == meta.sha256.get(WEIGHTS):
+            registered = current.tags.get("weights_sha256")
+            if registered is None:  # registered before versions carried the tag: read its ticket.json once
+                registered = self._registered_weights(current)
+                if registered == weights:
+                    self.store.call(self.store.client.set_model_version_tag, name, current.version,
+                                    "weights_sha256", weights)
+            if registered == weights:
                 return False
         except MlflowException as exc:  # no such model, or no such alias
             if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
@@ -331,6 +354,18 @@ class MlflowTracker:
             run.log_metrics(metrics)
             self.register_ticket(run, ticket_dir, meta)
         return True
+
+    def _registered_weights(self, version: Any) -> str | None:
+        """The weights sha256 in a registered version's uploaded ticket.json (for versions without the tag)."""
+        if not version.run_id:
+            return None
+        with tempfile.TemporaryDirectory(prefix="lth-ticket-") as tmp:
+            try:
+                got = self.store.call(self.store.client.download_artifacts, version.run_id,
+                                      f"{TICKET_ARTIFACTS}/{META}", tmp)
+                return json.loads(Path(got).read_text()).get("sha256", {}).get(WEIGHTS)
+            except (MlflowException, OSError, ValueError):
+                return None
 
     def _register(self, run_id: str, artifact_uri: str, ticket_dir: Path, meta: TicketMeta) -> None:
         client = self.store.client

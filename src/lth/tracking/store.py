@@ -20,6 +20,7 @@ from lth.config import TrackingConfig
 from lth.errors import UserError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 # MLflow announces creating and upgrading its sqlite tables at INFO on stderr; lth's stderr is for its own messages.
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
@@ -131,12 +132,13 @@ class Store:
         """Run fn(*args, **kwargs) on the store's writer thread, after everything submitted before it.
 
         For writes the job need not wait for (metric batches, run ends, ticket registration): training goes on
-        meanwhile. A failure is raised on the caller's thread, with its traceback, at the next submit or drain.
-        The thread is joined at interpreter exit, so queued writes are not lost when a command returns.
+        meanwhile. A failure is raised on the caller's thread, with its traceback and a note naming the write,
+        at the next submit or drain (further failures meanwhile are logged). The thread is joined at
+        interpreter exit, so queued writes are not lost when a command returns.
         """
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lth-mlflow")
-        self._pending.append(self._writer.submit(fn, *args, **kwargs))
+        self._pending.append(self._writer.submit(_noted, fn, *args, **kwargs))
         self._raise_failed()  # after queuing: a run's end is still written when an earlier write failed
 
     def call_later(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -144,18 +146,19 @@ class Store:
         self.submit(self.call, fn, *args, **kwargs)
 
     def drain(self) -> None:
-        """Wait for every submitted write; raise the first failure."""
-        pending, self._pending = self._pending, []
-        failures = [exc for exc in (f.exception() for f in pending) if exc is not None]
-        if failures:
-            raise failures[0]
+        """Wait for every submitted write; raise the first failure (log the others)."""
+        failures = []
+        while self._pending:
+            exc = self._pending[0].exception()  # waits; if interrupted, the rest stay pending
+            self._pending.pop(0)
+            if exc is not None:
+                failures.append(exc)
+        _raise_first(failures)
 
     def _raise_failed(self) -> None:
-        done = [f for f in self._pending if f.done()]
+        failures = [exc for f in self._pending if f.done() and (exc := f.exception()) is not None]
         self._pending = [f for f in self._pending if not f.done()]
-        for f in done:
-            if (exc := f.exception()) is not None:
-                raise exc
+        _raise_first(failures)
 
     def artifact_location(self, experiment: str) -> str | None:
         """<tracking.artifact_location>/<experiment>, else <db dir>/mlruns/<experiment> for sqlite."""
@@ -202,6 +205,25 @@ class Store:
                 raise
             raise UserError(message) from None
         self._checked_s3.add(location)
+
+
+def _noted(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """fn(...) on the writer thread; its exception gets a note naming the write (it surfaces later, elsewhere)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        target = args[0] if getattr(fn, "__name__", "") == "call" and args else fn
+        run_id = next((a for a in args[1:2] if isinstance(a, str)), None) if target is not fn else None
+        exc.add_note(f"(a queued MLflow write failed: {getattr(target, '__name__', repr(target))}"
+                     + (f" for run {run_id})" if run_id else ")"))
+        raise
+
+
+def _raise_first(failures: list[BaseException]) -> None:
+    for exc in failures[1:]:
+        log.warning("another queued MLflow write failed too: %s", exc)
+    if failures:
+        raise failures[0]
 
 
 def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
