@@ -382,8 +382,12 @@ class MlflowTracker:
         version = self.store.call(client.create_model_version, name,
                                   source=f"{artifact_uri.rstrip('/')}/{TICKET_ARTIFACTS}",
                                   run_id=run_id, tags=version_tags(meta))
-        self.store.call(client.set_registered_model_alias, name, ticket_alias(meta.round, meta.seed),
-                        version.version)
+        # MlflowClient.set_registered_model_alias first loads the whole registered model (every version) to
+        # check it is not a prompt, which ticket-* models never are: the registry client skips that read, the
+        # costliest part of registering a ticket. The public call stays the fallback.
+        registry = getattr(client, "_get_registry_client", None)
+        set_alias = registry().set_registered_model_alias if registry else client.set_registered_model_alias
+        self.store.call(set_alias, name, ticket_alias(meta.round, meta.seed), version.version)
 
 
 def registered_model_name(source: str, arch: str) -> str:
