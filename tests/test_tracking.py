@@ -432,6 +432,11 @@ def test_a_job_under_mlflow_run_links_the_project_run(tmp_path: Path, monkeypatc
         pass
     assert client.get_run(parent.run_id).data.tags[tracking.PROJECT_RUN_TAG] == project
     assert client.get_run(project).data.tags[tracking.JOB_RUN_TAG] == parent.run_id
+    with tracker.job("tune/x", "tune", params={}, tags={}) as outer:  # tune and transfer run IMP jobs inside
+        with tracker.job("imp/x", "imp inside tune", params={}, tags={}) as inner:
+            pass
+    assert client.get_run(project).data.tags[tracking.JOB_RUN_TAG] == outer.run_id  # the outermost job only
+    assert tracking.PROJECT_RUN_TAG not in client.get_run(inner.run_id).data.tags
     monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)  # a run of another store: ignored, the job still runs
     with tracker.job("imp/y", "job", params={}, tags={}) as other:
         pass
@@ -461,31 +466,3 @@ def test_queued_write_errors_name_the_write(tmp_path: Path, monkeypatch: pytest.
         tracker.store.call_later(tracker.store.client.set_tag, "abc123", "k", "v")
         tracker.store.drain()
     assert any("queued MLflow write failed" in note and "run abc123" in note for note in info.value.__notes__)
-
-
-def test_only_the_outermost_job_links_the_project_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}"))
-    client = tracker.store.client
-    project = client.create_run(client.create_experiment("project")).info.run_id
-    monkeypatch.setenv("MLFLOW_RUN_ID", project)
-    with tracker.job("tune/x", "tune", params={}, tags={}) as outer:
-        with tracker.job("imp/x", "imp inside tune", params={}, tags={}) as inner:
-            pass
-    assert client.get_run(project).data.tags[tracking.JOB_RUN_TAG] == outer.run_id
-    assert tracking.PROJECT_RUN_TAG not in client.get_run(inner.run_id).data.tags
-
-
-def test_versions_registered_without_the_weights_tag_are_not_registered_again(tmp_path: Path) -> None:
-    write_toy(tmp_path / "data")
-    params = tiny_params(tmp_path, rounds=1)
-    job = make_job("toy", 0, params)
-    run_imp(job, params, get_tracker(params))
-    client = MlflowClient(params.tracking.uri, params.tracking.uri)
-    name = tracking.registered_model_name("toy", params.model.name)
-    for v in client.search_model_versions(f"name = '{name}'"):  # as an older lth registered them
-        client.delete_model_version_tag(name, v.version, "weights_sha256")
-    run_imp(job, params, get_tracker(params))
-    versions = client.search_model_versions(f"name = '{name}'")
-    assert len(versions) == 2  # read from each version's uploaded ticket.json: the same weights
-    assert {v.tags["weights_sha256"] for v in versions} == {
-        load_ticket(d).meta.sha256["weights.safetensors"] for d in (tmp_path / "models/tickets/toy/seed0").glob("round*")}
