@@ -466,3 +466,19 @@ def test_queued_write_errors_name_the_write(tmp_path: Path, monkeypatch: pytest.
         tracker.store.call_later(tracker.store.client.set_tag, "abc123", "k", "v")
         tracker.store.drain()
     assert any("queued MLflow write failed" in note and "run abc123" in note for note in info.value.__notes__)
+
+
+def test_versions_registered_without_the_weights_tag_are_not_registered_again(tmp_path: Path) -> None:
+    write_toy(tmp_path / "data")
+    params = tiny_params(tmp_path, rounds=1)
+    job = make_job("toy", 0, params)
+    run_imp(job, params, get_tracker(params))
+    client = MlflowClient(params.tracking.uri, params.tracking.uri)
+    name = tracking.registered_model_name("toy", params.model.name)
+    for v in client.search_model_versions(f"name = '{name}'"):  # as an older lth registered them
+        client.delete_model_version_tag(name, v.version, "weights_sha256")
+    run_imp(job, params, get_tracker(params))
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert len(versions) == 2  # read from each version's uploaded ticket.json: the same weights
+    assert {v.tags["weights_sha256"] for v in versions} == {
+        load_ticket(d).meta.sha256["weights.safetensors"] for d in (tmp_path / "models/tickets/toy/seed0").glob("round*")}
