@@ -207,7 +207,7 @@ def test_metrics_are_batched_and_long_params_truncated(tmp_path: Path, monkeypat
 
 def test_database_locked_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = tracking.Store(TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}"))
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
     tries = []
 
     def flaky() -> str:

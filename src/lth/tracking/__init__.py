@@ -1,5 +1,8 @@
 """The one place that talks to MLflow (this package and lth.registry_query). Jobs see only `Tracker` and `Run`.
 
+Here: the trackers (parent and nested runs, their lifetime, stale-run sweep). store.py: the client, retries
+and the writer thread; runs.py: runs and buffered metrics; registry.py: ticket versions, tags and aliases.
+
 Every call names its run id explicitly (MlflowClient, no fluent active-run state), so several trackers
 and processes can log to one store at once; nesting is the `mlflow.parentRunId` tag.
 """
@@ -11,18 +14,19 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol
 
-from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from lth.config import Params, TrackingConfig
 from lth.provenance import git_commit
-from lth.tickets import META, WEIGHTS, TicketMeta
-from lth.tracking.store import Store, _chunks
+from lth.tickets import TicketMeta
+from lth.tracking.registry import TICKET_ARTIFACTS, TicketRegistry  # noqa: F401 (public API)
+from lth.tracking.registry import WEIGHTS_TAG, registered_model_name, ticket_alias, version_tags  # noqa: F401
+from lth.tracking.runs import MAX_PARAM_LEN, MAX_TAG_LEN, METRICS_PER_BATCH  # noqa: F401 (public API)
+from lth.tracking.runs import MlflowRun, NullRun, Run
+from lth.tracking.store import Store
 from lth.tracking.store import check_reachable, project_dir, redact, tracking_uri  # noqa: F401 (public API)
 
 log = logging.getLogger(__name__)
@@ -31,20 +35,7 @@ JOB_KEY_TAG = "lth.job_key"
 PROJECT_RUN_ENV = "MLFLOW_RUN_ID"  # set by `mlflow run` for the command it launches
 PROJECT_RUN_TAG = "lth.project_run_id"  # on a job's parent run: the `mlflow run` run that launched it
 JOB_RUN_TAG = "lth.job_run_id"  # on that project run: the job's parent run
-TICKET_ARTIFACTS = "ticket"  # run artifact folder holding the ticket directory
-MAX_PARAM_LEN, MAX_TAG_LEN = 6000, 8000  # MLflow's value limits
-METRICS_PER_BATCH, PARAMS_TAGS_PER_BATCH = 1000, 100  # MLflow's log_batch limits
 SEARCH_PAGE = 100
-
-
-class Run(Protocol):
-    """A tracked run (a job's parent run or one nested run)."""
-
-    run_id: str | None
-
-    def log_params(self, params: Mapping[str, Any]) -> None: ...
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
-    def set_tags(self, tags: Mapping[str, str]) -> None: ...
 
 
 class Tracker(Protocol):
@@ -56,21 +47,6 @@ class Tracker(Protocol):
     def ensure_registered(self, parent: Run, run_name: str, ticket_dir: Path, meta: TicketMeta, *,
                           params: Mapping[str, Any], tags: Mapping[str, str],
                           metrics: Mapping[str, float]) -> bool: ...
-
-
-class NullRun:
-    """A run that records nothing."""
-
-    run_id: str | None = None
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        pass
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        pass
 
 
 class NullTracker:
@@ -91,69 +67,6 @@ class NullTracker:
                           params: Mapping[str, Any], tags: Mapping[str, str],
                           metrics: Mapping[str, float]) -> bool:
         return False
-
-
-# ---------------------------------------------------------------- runs
-
-class MlflowRun:
-    """One MLflow run addressed by id; metrics are buffered and sent with log_batch."""
-
-    def __init__(self, store: Store, info: Any, *, tags: Mapping[str, str],
-                 flush_every: int = 500, flush_seconds: float = 10.0, fresh: bool = False) -> None:
-        self.store = store
-        self.run_id: str | None = info.run_id
-        self.experiment_id: str = info.experiment_id
-        self.artifact_uri: str = info.artifact_uri
-        self.fresh = fresh  # created by this process: nothing logged yet, so no need to read it back
-        self.tags = dict(tags)  # the job's own tags, inherited by its nested runs
-        self.flush_every = flush_every
-        self.flush_seconds = flush_seconds
-        self._metrics: list[Metric] = []
-        self._params: list[Param] = []  # a fresh run's params ride along with its next metrics batch
-        self._last_flush = time.monotonic()
-        self._last_step = 0
-
-    def log_params(self, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> None:
-        """Log params once (values stringified, cut to MLflow's limit) and `tags`, in as few calls as possible.
-
-        A fresh run's params are sent with its next metrics batch (at most `flush_seconds` later), which
-        saves one store round trip per run; a reused run skips the keys it already has.
-        """
-        have = {} if self.fresh else self.store.call(self.store.client.get_run, self.run_id).data.params
-        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in have]
-        if self.fresh and not tags:
-            self._params.extend(items)
-            return
-        tag_items = [RunTag(k, str(v)[:MAX_TAG_LEN]) for k, v in (tags or {}).items()]
-        for i in range(0, max(len(items), len(tag_items)), PARAMS_TAGS_PER_BATCH):
-            self.store.call(self.store.client.log_batch, self.run_id, params=items[i:i + PARAMS_TAGS_PER_BATCH],
-                            tags=tag_items[i:i + PARAMS_TAGS_PER_BATCH])
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Buffer metrics; they are sent every `flush_every` values or `flush_seconds`, and at run end."""
-        # Without a step, a value is a summary: log it at the last step so it becomes the run's latest value.
-        step = self._last_step if step is None else step
-        self._last_step = max(self._last_step, step)
-        ts = int(time.time() * 1000)
-        self._metrics.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
-        if len(self._metrics) >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        """Queue buffered metrics (and a fresh run's params) for the writer thread, in MLflow's batch sizes."""
-        metrics, self._metrics = self._metrics, []
-        params, self._params = self._params, []
-        for i in range(max(-(-len(metrics) // METRICS_PER_BATCH), -(-len(params) // PARAMS_TAGS_PER_BATCH))):
-            self.store.call_later(self.store.client.log_batch, self.run_id,
-                            metrics=metrics[i * METRICS_PER_BATCH:(i + 1) * METRICS_PER_BATCH],
-                            params=params[i * PARAMS_TAGS_PER_BATCH:(i + 1) * PARAMS_TAGS_PER_BATCH])
-        self._last_flush = time.monotonic()
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        """Queue tags (values cut to MLflow's limit) for the writer thread."""
-        items = [RunTag(k, str(v)[:MAX_TAG_LEN]) for k, v in tags.items()]
-        for chunk in _chunks(items, PARAMS_TAGS_PER_BATCH):
-            self.store.call_later(self.store.client.log_batch, self.run_id, tags=chunk)
 
 
 def job_key(experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
@@ -180,7 +93,7 @@ class MlflowTracker:
         self.cfg = cfg
         self.store = Store(cfg)
         self._run_options: dict[str, Any] = {"flush_every": flush_every, "flush_seconds": flush_seconds}
-        self._models: set[str] = set()  # registered models known to exist (saves a failing create per ticket)
+        self.registry = TicketRegistry(self.store)
         self._provenance_cache: dict[str, str] | None = None
         self._jobs = 0  # jobs open in this tracker (a job may run others inside it)
 
@@ -321,7 +234,7 @@ class MlflowTracker:
         if not self.cfg.register:
             return
         assert isinstance(run, MlflowRun) and run.run_id is not None
-        self.store.submit(self._register, run.run_id, run.artifact_uri, ticket_dir, meta)
+        self.store.submit(self.registry.register, run.run_id, run.artifact_uri, ticket_dir, meta)
 
     def ensure_registered(self, parent: Run, run_name: str, ticket_dir: Path, meta: TicketMeta, *,
                           params: Mapping[str, Any], tags: Mapping[str, str],
@@ -332,82 +245,15 @@ class MlflowTracker:
         and the registry without it; the resumed job skips that round, so it registers the ticket here, under a
         new nested run `run_name` (tagged lth.registered_on_resume). One lookup per ticket found on disk.
         """
-        if not self.cfg.register:
+        if not self.cfg.register or self.registry.holds(meta):
             return False
-        name = registered_model_name(meta.source, meta.arch)
-        weights = meta.sha256.get(WEIGHTS, "")
-        try:
-            current = self.store.call(self.store.client.get_model_version_by_alias, name,
-                                      ticket_alias(meta.round, meta.seed))
-            registered = current.tags.get("weights_sha256")
-            if registered is None:  # registered before versions carried the tag: read its ticket.json once
-                registered = self._registered_weights(current)
-                if registered == weights:
-                    self.store.call(self.store.client.set_model_version_tag, name, current.version,
-                                    "weights_sha256", weights)
-            if registered == weights:
-                return False
-        except MlflowException as exc:  # no such model, or no such alias
-            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                raise
         with self.child(parent, run_name, params=params, tags=dict(tags) | {"lth.registered_on_resume": "true"}) as run:
             run.log_metrics(metrics)
             self.register_ticket(run, ticket_dir, meta)
         return True
 
-    def _registered_weights(self, version: Any) -> str | None:
-        """The weights sha256 in a registered version's uploaded ticket.json (for versions without the tag)."""
-        if not version.run_id:
-            return None
-        with tempfile.TemporaryDirectory(prefix="lth-ticket-") as tmp:
-            try:
-                got = self.store.call(self.store.client.download_artifacts, version.run_id,
-                                      f"{TICKET_ARTIFACTS}/{META}", tmp)
-                return json.loads(Path(got).read_text()).get("sha256", {}).get(WEIGHTS)
-            except (MlflowException, OSError, ValueError):
-                return None
-
-    def _register(self, run_id: str, artifact_uri: str, ticket_dir: Path, meta: TicketMeta) -> None:
-        client = self.store.client
-        self.store.call(client.log_artifacts, run_id, str(ticket_dir), TICKET_ARTIFACTS)
-        name = registered_model_name(meta.source, meta.arch)
-        if name not in self._models:
-            try:
-                self.store.call(client.create_registered_model, name,
-                                description=f"Lottery tickets found by IMP on {meta.source} ({meta.arch})")
-            except MlflowException as exc:
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # an earlier ticket (or another job) created it
-                    raise
-            self._models.add(name)
-        version = self.store.call(client.create_model_version, name,
-                                  source=f"{artifact_uri.rstrip('/')}/{TICKET_ARTIFACTS}",
-                                  run_id=run_id, tags=version_tags(meta))
-        # MlflowClient.set_registered_model_alias first loads the whole registered model (every version) to
-        # check it is not a prompt, which ticket-* models never are: the registry client skips that read, the
-        # costliest part of registering a ticket. The public call stays the fallback.
-        registry = getattr(client, "_get_registry_client", None)
-        set_alias = registry().set_registered_model_alias if registry else client.set_registered_model_alias
-        self.store.call(set_alias, name, ticket_alias(meta.round, meta.seed), version.version)
-
-
-def registered_model_name(source: str, arch: str) -> str:
-    """ticket-<source>-<arch>."""
-    return f"ticket-{source}-{arch}"
-
-
-def ticket_alias(round_: int, seed: int) -> str:
-    """r<kk>-s<seed>."""
-    return f"r{round_:02d}-s{seed}"
-
-
-def version_tags(meta: TicketMeta) -> dict[str, str]:
-    """Registry tags of a ticket version (strings: registry filters compare strings with = and LIKE)."""
-    return {"source": meta.source, "arch": meta.arch, "seed": str(meta.seed), "round": str(meta.round),
-            "sparsity": f"{meta.sparsity:.4f}", "rewind_epoch": str(meta.rewind_epoch),
-            "data_version": meta.data_version, "code_version": meta.code_version,
-            "weights_sha256": meta.sha256.get(WEIGHTS, "")}
-
 
 def get_tracker(params: Params) -> Tracker:
     """The study's MLflow tracker (checks a tracking server is reachable before any training)."""
     return MlflowTracker(params.tracking)
+

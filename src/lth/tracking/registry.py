@@ -1,0 +1,96 @@
+"""The ticket registry: each ticket a version of ticket-<source>-<arch> with tags and the alias r<kk>-s<seed>."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from lth.tickets import META, WEIGHTS, TicketMeta
+from lth.tracking.store import Store
+
+TICKET_ARTIFACTS = "ticket"  # run artifact folder holding the ticket directory
+WEIGHTS_TAG = "weights_sha256"  # version tag: which weights the version holds
+
+
+class TicketRegistry:
+    """Registers tickets (upload, version, alias) and tells whether the registry already holds one."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._models: set[str] = set()  # registered models known to exist (saves a failing create per ticket)
+
+    def holds(self, meta: TicketMeta) -> bool:
+        """Whether the alias of `meta`'s round and seed names a version with the same weights."""
+        name = registered_model_name(meta.source, meta.arch)
+        weights = meta.sha256.get(WEIGHTS, "")
+        try:
+            current = self.store.call(self.store.client.get_model_version_by_alias, name,
+                                      ticket_alias(meta.round, meta.seed))
+        except MlflowException as exc:  # no such model, or no such alias
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            return False
+        registered = current.tags.get(WEIGHTS_TAG)
+        if registered is None:  # registered before versions carried the tag: read its ticket.json once
+            registered = self._registered_weights(current)
+            if registered == weights:
+                self.store.call(self.store.client.set_model_version_tag, name, current.version, WEIGHTS_TAG,
+                                weights)
+        return registered == weights
+
+    def _registered_weights(self, version: Any) -> str | None:
+        """The weights sha256 in a registered version's uploaded ticket.json (for versions without the tag)."""
+        if not version.run_id:
+            return None
+        with tempfile.TemporaryDirectory(prefix="lth-ticket-") as tmp:
+            try:
+                got = self.store.call(self.store.client.download_artifacts, version.run_id,
+                                      f"{TICKET_ARTIFACTS}/{META}", tmp)
+                return json.loads(Path(got).read_text()).get("sha256", {}).get(WEIGHTS)
+            except (MlflowException, OSError, ValueError):
+                return None
+
+    def register(self, run_id: str, artifact_uri: str, ticket_dir: Path, meta: TicketMeta) -> None:
+        """Upload `ticket_dir` under the run's `ticket/` and make it a version of ticket-<source>-<arch>."""
+        client = self.store.client
+        self.store.call(client.log_artifacts, run_id, str(ticket_dir), TICKET_ARTIFACTS)
+        name = registered_model_name(meta.source, meta.arch)
+        if name not in self._models:
+            try:
+                self.store.call(client.create_registered_model, name,
+                                description=f"Lottery tickets found by IMP on {meta.source} ({meta.arch})")
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # an earlier ticket (or another job) created it
+                    raise
+            self._models.add(name)
+        version = self.store.call(client.create_model_version, name,
+                                  source=f"{artifact_uri.rstrip('/')}/{TICKET_ARTIFACTS}",
+                                  run_id=run_id, tags=version_tags(meta))
+        # MlflowClient.set_registered_model_alias first loads the whole registered model (every version) to
+        # check it is not a prompt, which ticket-* models never are: the registry client skips that read, the
+        # costliest part of registering a ticket. The public call stays the fallback.
+        registry = getattr(client, "_get_registry_client", None)
+        set_alias = registry().set_registered_model_alias if registry else client.set_registered_model_alias
+        self.store.call(set_alias, name, ticket_alias(meta.round, meta.seed), version.version)
+
+
+def registered_model_name(source: str, arch: str) -> str:
+    """ticket-<source>-<arch>."""
+    return f"ticket-{source}-{arch}"
+
+
+def ticket_alias(round_: int, seed: int) -> str:
+    """r<kk>-s<seed>."""
+    return f"r{round_:02d}-s{seed}"
+
+
+def version_tags(meta: TicketMeta) -> dict[str, str]:
+    """Registry tags of a ticket version (strings: registry filters compare strings with = and LIKE)."""
+    return {"source": meta.source, "arch": meta.arch, "seed": str(meta.seed), "round": str(meta.round),
+            "sparsity": f"{meta.sparsity:.4f}", "rewind_epoch": str(meta.rewind_epoch),
+            "data_version": meta.data_version, "code_version": meta.code_version,
+            WEIGHTS_TAG: meta.sha256.get(WEIGHTS, "")}
