@@ -23,7 +23,10 @@ import numpy as np
 import yaml
 
 from benchmarks.common import median, report
-from lth import imp, tracking
+from lth.study import imp
+from lth import tracking
+from lth.tracking import mlflow as tracking_mlflow
+from lth.tracking.mlflow import trackers as tracking_trackers
 from lth.config import params_from_dict
 from lth.data.prepare import prepare_dataset
 from lth.errors import UserError
@@ -115,12 +118,12 @@ class _Timer:
 
 
 def _import_seconds(repeats: int) -> float:
-    """Extra start-up of a process that imports lth.tracking (and so mlflow) over one importing the core only."""
+    """Extra start-up of a process that imports lth.tracking.mlflow (and so mlflow) over one importing the core only."""
     core = "import torch, lth.training, lth.pruning, lth.models"
     samples = []
     for _ in range(repeats):
         pair = []
-        for code in (core, core + ", lth.tracking"):
+        for code in (core, core + ", lth.tracking.mlflow"):
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
             pair.append(time.perf_counter() - t0)
@@ -164,17 +167,17 @@ def run(args) -> dict:
                 p = replace(params, paths=replace(params.paths, models=str(tmp / f"models-{kind}-{i}")),
                             tracking=replace(params.tracking, uri=f"sqlite:///{tmp}/mlflow-{i}.db"))
                 # The study's mlflow.db exists before its jobs run: create the tables outside the timed job.
-                tracking.MlflowTracker(p.tracking).store.experiment_id("warm-up")
+                tracking_mlflow.MlflowTracker(p.tracking).store.experiment_id("warm-up")
                 if kind == "null":
                     wall[kind] = _job_seconds(p, tracking.NullTracker)
                     continue
                 timer = _Timer()
-                for owner, name in ((tracking.Store, "call"), (tracking.Store, "submit"),
-                                    (tracking.Store, "drain"), (tracking.MlflowTracker, "__init__"),
-                                    (tracking, "_provenance_tags")):
+                for owner, name in ((tracking_mlflow.Store, "call"), (tracking_mlflow.Store, "submit"),
+                                    (tracking_mlflow.Store, "drain"), (tracking_mlflow.MlflowTracker, "__init__"),
+                                    (tracking_trackers, "_provenance_tags")):
                     timer.wrap(owner, name)
                 try:
-                    wall[kind] = _job_seconds(p, lambda: tracking.MlflowTracker(p.tracking))
+                    wall[kind] = _job_seconds(p, lambda: tracking_mlflow.MlflowTracker(p.tracking))
                 finally:
                     timer.restore()
                 timers.append(timer)

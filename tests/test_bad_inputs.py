@@ -25,7 +25,7 @@ from conftest import tiny_raw
 from lth.cli import main
 from lth.config import params_from_dict
 from lth.fsutil import sha256_file
-from lth.imp import make_job, run_imp
+from lth.study.imp import make_job, run_imp
 
 SEED0 = Path("models/tickets/fashion-mnist/seed0")
 PREP = Path("data/prepared/fashion-mnist")

@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cli_study import lth_env
-from lth.tracking import PARENT_TAG
+from lth.tracking.mlflow import PARENT_TAG
 from test_tracking_server import free_port, start, stop
 
 pytestmark = pytest.mark.e2e
@@ -22,7 +22,7 @@ METRICS = ("loss", "acc")
 WRITER = textwrap.dedent(f"""
     import sys
     from lth.config import TrackingConfig
-    from lth.tracking import MlflowTracker
+    from lth.tracking.mlflow import MlflowTracker
 
     uri, worker = (sys.argv[1] or None), int(sys.argv[2])
     # Small batches: many more writes than lth makes, so writers really collide.

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lth.imp import dense_checkpoint, make_job, run_imp
+from lth.study.imp import dense_checkpoint, make_job, run_imp
 from lth.tickets import load_ticket
 
 

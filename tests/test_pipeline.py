@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lth.tracking import project_dir
+from lth.tracking.mlflow import project_dir
 
 pytestmark = pytest.mark.e2e
 

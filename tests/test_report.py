@@ -15,8 +15,9 @@ from PIL import Image
 from lth.cli import cli
 from lth.config import Params, params_from_dict, to_dict
 from lth.errors import UserError
-from lth.report import (
-    COLUMNS, FEW_SEEDS, aggregate, best_models, build_report, fraction_table, load_results, missing_results,
+from lth.report.build import build_report
+from lth.report.tables import (
+    COLUMNS, FEW_SEEDS, aggregate, best_models, fraction_table, load_results, missing_results,
 )
 
 FRACTION = {0: 0.0, 1: 0.2, 2: 0.36, 3: 0.488}  # 1 - 0.8^round

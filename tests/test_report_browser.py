@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from test_report import write_study  # tests/ is on sys.path (pytest's default rootdir-relative import)
 
-from lth.report import build_report
+from lth.report.build import build_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")

@@ -21,7 +21,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cli_study import BIN, lth_env, run_lth, write_study
-from lth.tracking import PARENT_TAG
+from lth.tracking.mlflow import PARENT_TAG
 
 pytestmark = pytest.mark.e2e
 IMP = ["imp", "fashion-mnist", "--seed", "0", "--params", "tiny.yaml"]

@@ -12,16 +12,18 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from lth import tracking
-from lth.cli_tickets import tickets
+from lth.tracking import mlflow as tracking
+from lth.tracking.mlflow import trackers
+from lth.cli.tickets import tickets
 from lth.config import Params, TrackingConfig, params_from_dict
 from lth.data.store import write_prepared
 from lth.errors import UserError
-from lth.imp import make_job, run_imp
+from lth.study.imp import make_job, run_imp
 from lth.provenance import data_version, git_commit
-from lth.registry_query import fetch_ticket, list_tickets
+from lth.tracking.mlflow.query import fetch_ticket, list_tickets
 from lth.tickets import load_ticket
-from lth.tracking import MlflowTracker, get_tracker
+from lth.tracking.mlflow import get_tracker
+from lth.tracking.mlflow import MlflowTracker
 
 ROUNDS = 2
 
@@ -167,7 +169,7 @@ def test_failed_and_stale_runs(tmp_path: Path) -> None:
 
 
 def test_stale_sweep_pages_through_many_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tracking, "SEARCH_PAGE", 2)
+    monkeypatch.setattr(trackers, "SEARCH_PAGE", 2)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     tracker = MlflowTracker(TrackingConfig(uri=uri))
     killed = [tracker.job("imp/x", "job", params={}, tags={})]  # a killed try, its runs left RUNNING

@@ -15,10 +15,11 @@ import pytest
 import requests
 
 from lth.errors import UserError
-from lth.imp import make_job, run_imp
-from lth.registry_query import fetch_ticket, list_tickets
+from lth.study.imp import make_job, run_imp
+from lth.tracking.mlflow.query import fetch_ticket, list_tickets
 from lth.tickets import load_ticket
-from lth.tracking import PARENT_TAG, get_tracker
+from lth.tracking.mlflow import get_tracker
+from lth.tracking.mlflow import PARENT_TAG
 from test_tracking import tiny_params, write_toy
 
 pytestmark = pytest.mark.e2e

@@ -11,9 +11,9 @@ import torch
 from lth.config import RelatedPair
 from lth.data.store import load_prepared
 from lth.errors import UserError
-from lth.imp import make_job, run_imp
+from lth.study.imp import make_job, run_imp
 from lth.tickets import load_ticket, ticket_dir
-from lth.transfer import FineTune, initial_network, plan, results_csv, run_transfer
+from lth.study.transfer import FineTune, initial_network, plan, results_csv, run_transfer
 
 
 @pytest.fixture

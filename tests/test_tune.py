@@ -14,14 +14,15 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from lth import tune as tune_mod
-from lth import tune_tickets
+from lth.study import tune as tune_mod
+from lth.study import tune_tickets
 from lth.cli import cli
 from lth.config import Params, TrackingConfig, TuneConfig, params_from_dict, to_dict
 from lth.errors import UserError
 from lth.tickets import load_ticket, ticket_dir
-from lth.tracking import NullTracker, get_tracker
-from lth.tune import run_tune
+from lth.tracking import NullTracker
+from lth.tracking.mlflow import get_tracker
+from lth.study.tune import run_tune
 
 TUNE = {"source": "fashion-mnist", "target": "digits", "round": 1, "rewind_epochs": (0, 1),
         "lr_range": (0.01, 0.1), "seed": 0, "study_name": "t", "max_epochs": 2}

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import lth
-from lth.data.store import META, prepared_dir
+from lth.data.store import DATASET_JSON, prepared_dir
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,5 +36,5 @@ def code_version() -> str:
 
 def data_version(data_root: str | Path, name: str) -> str:
     """sha256 of the prepared dataset's meta.json (which holds every array's checksum)."""
-    path = prepared_dir(data_root, name) / META
+    path = prepared_dir(data_root, name) / DATASET_JSON
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""

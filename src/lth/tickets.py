@@ -21,7 +21,7 @@ from lth.fsutil import atomic_dir, sha256_file
 WEIGHTS = "weights.safetensors"  # the rewound (late-reset) weights, zero where pruned
 MASK = "mask.safetensors"  # one bool tensor per prunable weight
 TRAINED = "trained.safetensors"  # the fully trained weights of this round, zero where pruned
-META = "ticket.json"
+TICKET_JSON = "ticket.json"
 FORMAT = 1
 
 
@@ -85,15 +85,15 @@ def save_ticket(
         files = [WEIGHTS, MASK] + ([TRAINED] if trained is not None else [])
         checks = {f: sha256_file(tmp / f) for f in files}
         full = asdict(meta) | {"sha256": checks, "prunable": list(meta.prunable)}
-        (tmp / META).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+        (tmp / TICKET_JSON).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
     return directory
 
 
-def read_meta(directory: str | Path) -> TicketMeta:
+def read_ticket_meta(directory: str | Path) -> TicketMeta:
     """ticket.json of a ticket directory, or a UserError naming what is wrong."""
-    path = Path(directory) / META
+    path = Path(directory) / TICKET_JSON
     if not path.is_file():
-        raise UserError(f"no ticket at {directory} ({META} missing): run `lth imp` or `lth tickets fetch`")
+        raise UserError(f"no ticket at {directory} ({TICKET_JSON} missing): run `lth imp` or `lth tickets fetch`")
     try:
         raw = json.loads(path.read_text())
         raw["prunable"] = tuple(raw["prunable"])
@@ -108,7 +108,7 @@ def _load_tensors(path: Path, expected_sha: str | None) -> dict[str, torch.Tenso
     if not path.is_file():
         raise UserError(f"{path} missing: the ticket is incomplete; fetch or recompute it")
     if expected_sha is None:
-        raise UserError(f"{path}: no sha256 for it in {META}; the ticket cannot be verified, fetch it again")
+        raise UserError(f"{path}: no sha256 for it in {TICKET_JSON}; the ticket cannot be verified, fetch it again")
     if sha256_file(path) != expected_sha:
         raise UserError(f"{path}: sha256 does not match ticket.json (corrupt or tampered); fetch it again")
     try:
@@ -120,12 +120,12 @@ def _load_tensors(path: Path, expected_sha: str | None) -> dict[str, torch.Tenso
 def load_ticket(directory: str | Path, *, with_trained: bool = False) -> Ticket:
     """Load and verify a ticket directory (checksums, mask/weight names and shapes)."""
     directory = Path(directory)
-    meta = read_meta(directory)
+    meta = read_ticket_meta(directory)
     weights = _load_tensors(directory / WEIGHTS, meta.sha256.get(WEIGHTS))
     mask = _load_tensors(directory / MASK, meta.sha256.get(MASK))
     trained = _load_tensors(directory / TRAINED, meta.sha256.get(TRAINED)) if with_trained else None
     if set(mask) != set(meta.prunable):
-        raise UserError(f"{directory / MASK}: mask names do not match the prunable weights in {META}")
+        raise UserError(f"{directory / MASK}: mask names do not match the prunable weights in {TICKET_JSON}")
     for name, m in mask.items():
         if name not in weights or weights[name].shape != m.shape:
             raise UserError(f"{directory}: mask and weights disagree on {name!r} (shape or missing weight)")

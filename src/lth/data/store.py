@@ -20,7 +20,7 @@ from lth.errors import UserError
 from lth.fsutil import atomic_dir, sha256_file
 
 SPLITS = ("train", "val", "test")
-META = "meta.json"
+DATASET_JSON = "meta.json"
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def prepared_dir(data_root: str | Path, name: str) -> Path:
 
 def is_prepared(data_root: str | Path, name: str) -> bool:
     """True when the dataset's meta.json exists (written last, so the directory is complete)."""
-    return (prepared_dir(data_root, name) / META).is_file()
+    return (prepared_dir(data_root, name) / DATASET_JSON).is_file()
 
 
 def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
@@ -165,7 +165,7 @@ class PreparedWriter:
             "sha256": checksums,
             **dict(info or {}),
         }
-        (self.folder / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        (self.folder / DATASET_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         self.finished = True
 
 
@@ -205,9 +205,9 @@ def write_prepared(
     return prepared_dir(data_root, name)
 
 
-def read_meta(data_root: str | Path, name: str) -> dict[str, Any]:
+def read_dataset_meta(data_root: str | Path, name: str) -> dict[str, Any]:
     """meta.json of a prepared dataset, or a UserError saying how to prepare it."""
-    path = prepared_dir(data_root, name) / META
+    path = prepared_dir(data_root, name) / DATASET_JSON
     if not path.is_file():
         raise UserError(f"dataset {name!r} is not prepared ({path} missing): run `lth prepare {name}`")
     try:
@@ -229,7 +229,7 @@ def _check_split(path: Path, images: np.ndarray, labels: np.ndarray, num_classes
 
 def load_prepared(data_root: str | Path, name: str, *, verify: bool = True) -> PreparedDataset:
     """Load a prepared dataset (memory-mapped, no pickle); `verify` checks every file's sha256."""
-    meta = read_meta(data_root, name)
+    meta = read_dataset_meta(data_root, name)
     root = prepared_dir(data_root, name)
     splits = {}
     for split in SPLITS:

@@ -1,63 +1,69 @@
-"""The one place that talks to MLflow (this package and lth.registry_query). Jobs see only `Tracker` and `Run`.
+"""Tracking, the port: what jobs log to (`Tracker`, `Run`) and the tracker that records nothing.
 
-Here: the trackers (parent and nested runs, their lifetime, stale-run sweep). store.py: the client, retries
-and the writer thread; runs.py: runs and buffered metrics; registry.py: ticket versions, tags and aliases.
-
-Every call names its run id explicitly (MlflowClient, no fluent active-run state), so several trackers
-and processes can log to one store at once; nesting is the `mlflow.parentRunId` tag.
+This module imports no MLflow, so commands and workers that track nothing never load it. The MLflow
+adapter behind the port is `lth.tracking.mlflow` (the one place that talks to MLflow, and where
+`get_tracker` lives); the commands import it only when they track.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import logging
-import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol
 
-from mlflow.exceptions import MlflowException
+if TYPE_CHECKING:
+    from lth.tickets import TicketMeta
 
-from lth.config import Params, TrackingConfig
-from lth.provenance import git_commit
-from lth.tickets import TicketMeta
-from lth.tracking.registry import TICKET_ARTIFACTS, TicketRegistry  # noqa: F401 (public API)
-from lth.tracking.registry import WEIGHTS_TAG, registered_model_name, ticket_alias, version_tags  # noqa: F401
-from lth.tracking.runs import MAX_PARAM_LEN, MAX_TAG_LEN, METRICS_PER_BATCH  # noqa: F401 (public API)
-from lth.tracking.runs import MlflowRun, NullRun, Run
-from lth.tracking.store import Store
-from lth.tracking.store import check_reachable, project_dir, redact, tracking_uri  # noqa: F401 (public API)
 
-log = logging.getLogger(__name__)
-PARENT_TAG = "mlflow.parentRunId"
-JOB_KEY_TAG = "lth.job_key"
-PROJECT_RUN_ENV = "MLFLOW_RUN_ID"  # set by `mlflow run` for the command it launches
-PROJECT_RUN_TAG = "lth.project_run_id"  # on a job's parent run: the `mlflow run` run that launched it
-JOB_RUN_TAG = "lth.job_run_id"  # on that project run: the job's parent run
-SEARCH_PAGE = 100
+class Run(Protocol):
+    """A tracked run (a job's parent run or one nested run)."""
+
+    run_id: str | None
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
 
 
 class Tracker(Protocol):
     """Opens parent and nested runs and registers tickets."""
 
-    def job(self, experiment: str, run_name: str, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> contextlib.AbstractContextManager[Run]: ...
-    def child(self, parent: Run, run_name: str, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> contextlib.AbstractContextManager[Run]: ...
+    def job(self, experiment: str, run_name: str, *, params: Mapping[str, Any],
+            tags: Mapping[str, str]) -> contextlib.AbstractContextManager[Run]: ...
+    def child(self, parent: Run, run_name: str, *, params: Mapping[str, Any],
+              tags: Mapping[str, str]) -> contextlib.AbstractContextManager[Run]: ...
     def register_ticket(self, run: Run, ticket_dir: Path, meta: TicketMeta) -> None: ...
     def ensure_registered(self, parent: Run, run_name: str, ticket_dir: Path, meta: TicketMeta, *,
                           params: Mapping[str, Any], tags: Mapping[str, str],
                           metrics: Mapping[str, float]) -> bool: ...
 
 
+class NullRun:
+    """A run that records nothing."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+
 class NullTracker:
     """A tracker that records nothing (tests, dry runs)."""
 
     @contextlib.contextmanager
-    def job(self, experiment: str, run_name: str, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[Run]:
+    def job(self, experiment: str, run_name: str, *, params: Mapping[str, Any],
+            tags: Mapping[str, str]) -> Iterator[Run]:
         yield NullRun()
 
     @contextlib.contextmanager
-    def child(self, parent: Run, run_name: str, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[Run]:
+    def child(self, parent: Run, run_name: str, *, params: Mapping[str, Any],
+              tags: Mapping[str, str]) -> Iterator[Run]:
         yield NullRun()
 
     def register_ticket(self, run: Run, ticket_dir: Path, meta: TicketMeta) -> None:
@@ -67,193 +73,3 @@ class NullTracker:
                           params: Mapping[str, Any], tags: Mapping[str, str],
                           metrics: Mapping[str, float]) -> bool:
         return False
-
-
-def job_key(experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-    """Identity of a job: same experiment, name, params and tags -> same parent run on a rerun."""
-    blob = json.dumps([experiment, run_name, {k: str(v) for k, v in params.items()}, dict(tags)], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _quote(value: str) -> str:
-    if "'" in value:
-        raise ValueError(f"run names and keys may not contain quotes: {value!r}")
-    return f"'{value}'"
-
-
-def _provenance_tags() -> dict[str, str]:
-    commit = git_commit()
-    return {"lth.git_commit": commit, "mlflow.source.git.commit": commit.split("+")[0]} if commit else {}
-
-
-class MlflowTracker:
-    """Tracker that logs parent and nested runs to MLflow and registers tickets."""
-
-    def __init__(self, cfg: TrackingConfig, *, flush_every: int = 500, flush_seconds: float = 10.0) -> None:
-        self.cfg = cfg
-        self.store = Store(cfg)
-        self._run_options: dict[str, Any] = {"flush_every": flush_every, "flush_seconds": flush_seconds}
-        self.registry = TicketRegistry(self.store)
-        self._provenance_cache: dict[str, str] | None = None
-        self._jobs = 0  # jobs open in this tracker (a job may run others inside it)
-
-    def _provenance(self) -> dict[str, str]:
-        """The code's provenance tags, read from git once per tracker (two git processes per call otherwise)."""
-        if self._provenance_cache is None:
-            self._provenance_cache = _provenance_tags()
-        return self._provenance_cache
-
-    def _search(self, exp_id: str, where: str) -> list[Any]:
-        return self.store.call(self.store.client.search_runs, [exp_id], filter_string=where,
-                               order_by=["attributes.start_time DESC"], max_results=SEARCH_PAGE)
-
-    def _mark_stale(self, run_id: str) -> None:
-        self.store.call(self.store.client.set_tag, run_id, "lth.stale", "true")
-        self.store.call(self.store.client.set_terminated, run_id, "FAILED")
-
-    @contextlib.contextmanager
-    def _lifetime(self, run: MlflowRun, *, wait: bool) -> Iterator[MlflowRun]:
-        """FINISHED when the block ends, FAILED (KILLED on Ctrl-C) when it raises; the exception propagates.
-
-        A nested run's last metrics and its end are queued (the job goes on); a job (`wait`) waits for all its
-        queued writes before it is marked ended, so a finished job is completely in the store. A failed write
-        is raised when the block succeeded; when the block raised, its own exception goes on and the failed
-        write is logged.
-        """
-        status = "FAILED"
-        try:
-            yield run
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
-            try:
-                self._end(run, status, wait=wait)
-            except Exception as exc:
-                if status == "FINISHED":
-                    raise
-                log.warning("MLflow write failed while ending run %s after an error: %s", run.run_id, exc)
-
-    def _end(self, run: MlflowRun, status: str, *, wait: bool) -> None:
-        """Flush and end `run` (a job first waits for every queued write); raise the first failed write."""
-        error: Exception | None = None
-
-        def attempt(fn: Any, *args: Any) -> None:
-            nonlocal error
-            try:
-                fn(*args)
-            except Exception as exc:
-                error = error or exc
-
-        attempt(run.flush)
-        if wait:
-            attempt(self.store.drain)
-            self.store.call(self.store.client.set_terminated, run.run_id, "FAILED" if error else status)
-        else:  # queued even after a failure (call_later queues first, then raises earlier failures)
-            attempt(self.store.call_later, self.store.client.set_terminated, run.run_id, status)
-        if error is not None:
-            raise error
-
-    @contextlib.contextmanager
-    def job(self, experiment: str, run_name: str, *, params: Mapping[str, Any],
-            tags: Mapping[str, str]) -> Iterator[Run]:
-        """The job's parent run, reused when the same job ran before (so a resume adds no duplicate)."""
-        exp_id = self.store.experiment_id(experiment)
-        key = job_key(experiment, run_name, params, tags)
-        found = [r for r in self._search(exp_id, f"tags.`{JOB_KEY_TAG}` = {_quote(key)} "
-                                                  f"and attributes.run_name = {_quote(run_name)}")
-                 if PARENT_TAG not in r.data.tags]
-        all_tags = dict(tags) | self._provenance() | {JOB_KEY_TAG: key, "mlflow.runName": run_name}
-        if found:
-            info = found[0].info
-            run_id = info.run_id
-            self.store.call(self.store.client.update_run, run_id, status="RUNNING")
-            # Nested runs still RUNNING under a reused parent belong to a killed try: mark them FAILED. This is
-            # the only sweep (child() relies on it), so it pages through all of them.
-            where = f"tags.`{PARENT_TAG}` = {_quote(run_id)} and attributes.status = 'RUNNING'"
-            while stale := self._search(exp_id, where):  # marked runs drop out of the next search
-                for old in stale:
-                    self._mark_stale(old.info.run_id)
-                if len(stale) < SEARCH_PAGE:
-                    break
-        else:
-            info = self.store.call(self.store.client.create_run, exp_id, run_name=run_name,
-                                   tags={k: str(v)[:MAX_TAG_LEN] for k, v in all_tags.items()}).info
-        run = MlflowRun(self.store, info, tags=tags, fresh=not found, **self._run_options)
-        outermost = self._jobs == 0  # tune and transfer run IMP jobs inside their own
-        self._jobs += 1
-        try:
-            with self._lifetime(run, wait=True):
-                run.log_params(params, tags=all_tags if found else None)
-                if outermost:
-                    self._link_project_run(run)
-                yield run
-        finally:
-            self._jobs -= 1
-
-    def _link_project_run(self, run: MlflowRun) -> None:
-        """Under `mlflow run`, tag the project's run and the job's parent run with each other's id.
-
-        The job keeps its own parent run in its own experiment (so a rerun finds it again, whatever launched
-        it); the project run, in the experiment `mlflow run` chose, points to it. A MLFLOW_RUN_ID this store
-        does not know (another tracking URI) is left alone.
-        """
-        project_run = os.environ.get(PROJECT_RUN_ENV)
-        if not project_run or project_run == run.run_id:
-            return
-        try:
-            self.store.call(self.store.client.set_tag, project_run, JOB_RUN_TAG, run.run_id)
-        except MlflowException:
-            return
-        run.set_tags({PROJECT_RUN_TAG: project_run})
-
-    @contextlib.contextmanager
-    def child(self, parent: Run, run_name: str, *, params: Mapping[str, Any],
-              tags: Mapping[str, str]) -> Iterator[Run]:
-        """A nested run under `parent` (stale runs of a crashed try were marked FAILED when job() reused it)."""
-        assert isinstance(parent, MlflowRun) and parent.run_id is not None
-        # No search for stale runs of the same name here: a parent comes only from job(), which is either new
-        # (no children yet) or reused, and then job() has already marked its still-RUNNING children FAILED.
-        # That saves a store round trip per nested run (benchmarks/tracking_overhead).
-        all_tags = parent.tags | dict(tags) | self._provenance() | {"mlflow.runName": run_name}
-        info = self.store.call(self.store.client.create_run, parent.experiment_id, run_name=run_name,
-                               tags={k: str(v)[:MAX_TAG_LEN] for k, v in all_tags.items()}
-                               | {PARENT_TAG: parent.run_id}).info
-        run = MlflowRun(self.store, info, tags=parent.tags, fresh=True, **self._run_options)
-        run.log_params(params)
-        with self._lifetime(run, wait=False):
-            yield run
-
-    def register_ticket(self, run: Run, ticket_dir: Path, meta: TicketMeta) -> None:
-        """Upload the ticket directory under `ticket/` and make it a version of ticket-<source>-<arch>.
-
-        Queued for the writer thread (the next round trains meanwhile); the ticket directory is complete and
-        never changes once written. The job waits for it before it ends.
-        """
-        if not self.cfg.register:
-            return
-        assert isinstance(run, MlflowRun) and run.run_id is not None
-        self.store.submit(self.registry.register, run.run_id, run.artifact_uri, ticket_dir, meta)
-
-    def ensure_registered(self, parent: Run, run_name: str, ticket_dir: Path, meta: TicketMeta, *,
-                          params: Mapping[str, Any], tags: Mapping[str, str],
-                          metrics: Mapping[str, float]) -> bool:
-        """Register a ticket found on disk unless its alias already names this very ticket; True if it did.
-
-        A try killed after a round's ticket was written but before it was registered leaves the ticket on disk
-        and the registry without it; the resumed job skips that round, so it registers the ticket here, under a
-        new nested run `run_name` (tagged lth.registered_on_resume). One lookup per ticket found on disk.
-        """
-        if not self.cfg.register or self.registry.holds(meta):
-            return False
-        with self.child(parent, run_name, params=params, tags=dict(tags) | {"lth.registered_on_resume": "true"}) as run:
-            run.log_metrics(metrics)
-            self.register_ticket(run, ticket_dir, meta)
-        return True
-
-
-def get_tracker(params: Params) -> Tracker:
-    """The study's MLflow tracker (checks a tracking server is reachable before any training)."""
-    return MlflowTracker(params.tracking)
-

@@ -22,7 +22,7 @@ from lth.fsutil import atomic_write_bytes
 from lth.models import build_model
 from lth.provenance import code_version, data_version
 from lth.pruning import Mask, apply_mask, full_mask, prune_global, sparsity, sparsity_report
-from lth.tickets import MASK, META, TicketMeta, load_ticket, read_meta, save_ticket, ticket_dir
+from lth.tickets import MASK, TICKET_JSON, TicketMeta, load_ticket, read_ticket_meta, save_ticket, ticket_dir
 from lth.tracking import NullTracker, Run, Tracker
 from lth.training import EpochMetrics, evaluate, fit, summary_metrics
 
@@ -111,7 +111,7 @@ def _catch_up_registration(job: ImpJob, directory: Path, params: Params, tracker
     """A ticket a killed try wrote but may not have registered: register it unless the registry has it."""
     if job.train_fraction < 1:
         return
-    meta = read_meta(directory)
+    meta = read_ticket_meta(directory)
     name, run_params, tags = _round_run(job, meta.round, meta.sparsity, params, meta.rewind_epoch)
     tracker.ensure_registered(parent, name, directory, meta, params=run_params, tags=tags,
                               metrics=summary_metrics(meta.metrics))
@@ -155,7 +155,7 @@ def _train_round(
         out = save_ticket(_round_dir(job, round_), meta, apply_mask(rewind, mask), mask,
                           trained=apply_mask(result.best_state, mask), extra_json=extra)
         if job.train_fraction >= 1:
-            tracker.register_ticket(run, out, read_meta(out))  # as saved: with the files' sha256
+            tracker.register_ticket(run, out, read_ticket_meta(out))  # as saved: with the files' sha256
     for p in (ckpt, ckpt.with_suffix(".json")):
         p.unlink(missing_ok=True)
     return out, result.kept
@@ -190,7 +190,7 @@ def run_imp(job: ImpJob, params: Params, tracker: Tracker | None = None) -> list
         for round_ in tqdm(range(1, job.rounds + 1), desc=f"imp {job.label} s{job.seed}", unit="round",
                            disable=None):
             out = _round_dir(job, round_)
-            if (out / META).is_file():
+            if (out / TICKET_JSON).is_file():
                 _catch_up_registration(job, out, params, tracker, parent)
                 dirs.append(out)
                 continue

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure  # no pyplot: no global state, and PNG outp
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from lth.fsutil import atomic_write_bytes
-from lth.report import series_label
+from lth.report.tables import series_label
 
 TARGET_COLOR, REINIT_COLOR, SCRATCH_COLOR = "tab:blue", "tab:orange", "black"
 SOURCE_COLORS = ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")

@@ -7,10 +7,8 @@ from typing import Any
 
 import click
 
-from lth.cli_options import PARAMS_OPTION
-
+from lth.cli.options import PARAMS_OPTION
 from lth.config import load_params
-
 
 
 def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> list[str]:
@@ -32,7 +30,7 @@ def tickets() -> None:
 @PARAMS_OPTION
 def list_cmd(source: str | None, params_path: str) -> None:
     """Print the registered ticket versions as a table."""
-    from lth.registry_query import COLUMNS, list_tickets
+    from lth.tracking.mlflow.query import COLUMNS, list_tickets
 
     rows = list_tickets(load_params(Path(params_path)), source)
     if not rows:
@@ -56,7 +54,7 @@ def list_cmd(source: str | None, params_path: str) -> None:
 def fetch_cmd(source: str, sparsity: float, seed: int | None, arch: str | None, tolerance: float,
               out_dir: str, params_path: str) -> None:
     """Download the registered ticket nearest SPARSITY into DIR and verify it."""
-    from lth.registry_query import fetch_ticket
+    from lth.tracking.mlflow.query import fetch_ticket
 
     out, row = fetch_ticket(load_params(Path(params_path)), source, sparsity, seed, arch,
                             out_dir=out_dir, tolerance=tolerance)

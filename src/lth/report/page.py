@@ -12,7 +12,7 @@ import yaml
 
 from lth.config import Params, to_dict
 from lth.fsutil import atomic_write_text
-from lth.report_plots import FigureRef
+from lth.report.figures import FigureRef
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }

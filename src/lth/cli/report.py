@@ -6,20 +6,17 @@ from pathlib import Path
 
 import click
 
-from lth.cli_options import PARAMS_OPTION
-
+from lth.cli.options import PARAMS_OPTION
 from lth.config import load_params
 
 
-# Defined here rather than imported from lth.cli: lth.cli imports this module at its end, so importing
-# lth.cli from here would be circular whenever this module is imported first.
 @click.command("report")
 @PARAMS_OPTION
 def report(params_path: str) -> None:
     """Aggregate results/transfer/*.csv over seeds into reports/ (HTML, Markdown, tables, figures)."""
     import pandas as pd
 
-    from lth.report import build_report
+    from lth.report.build import build_report
 
     params = load_params(Path(params_path))
     index = build_report(params)

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from lth.config import Params, flatten
 from lth.errors import UserError
 from lth.fsutil import atomic_write_json
-from lth.imp import dense_checkpoint, make_job, run_imp
+from lth.study.imp import dense_checkpoint, make_job, run_imp
 from lth.provenance import data_version
-from lth.tickets import META, TicketMeta, load_ticket, read_meta, save_ticket, ticket_dir
+from lth.tickets import TICKET_JSON, TicketMeta, load_ticket, read_ticket_meta, save_ticket, ticket_dir
 from lth.tracking import Run, Tracker
 
 NOT_SETTINGS = ("train.device", "train.threads", "train.eval_batch_size")  # change speed, not results
@@ -90,7 +90,7 @@ def ensure_dense(source: str, params: Params, tracker: Tracker) -> None:
     """The source's dense run (round 0 + checkpoints of every rewind epoch), trained if missing."""
     job = make_job(source, params.tune.seed, params, rounds=0)
     hi = params.tune.rewind_epochs[1]
-    have = (ticket_dir(params.paths.models, source, job.seed, 0) / META).is_file()
+    have = (ticket_dir(params.paths.models, source, job.seed, 0) / TICKET_JSON).is_file()
     if not (have and all(dense_checkpoint(job, e).is_file() for e in range(hi + 1))):
         run_imp(job, params, tracker)
 
@@ -99,11 +99,11 @@ def ensure_ticket(source: str, rewind_epoch: int, params: Params, tracker: Track
     """The models root holding the round-`tune.round` ticket rewound to `rewind_epoch` (computed if missing)."""
     seed, round_ = params.tune.seed, params.tune.round
     study_ticket = ticket_dir(params.paths.models, source, seed, round_)
-    if (study_ticket / META).is_file() and read_meta(study_ticket).rewind_epoch == rewind_epoch:
+    if (study_ticket / TICKET_JSON).is_file() and read_ticket_meta(study_ticket).rewind_epoch == rewind_epoch:
         return Path(params.paths.models)  # `lth imp` already found this very ticket
     root = cache_dir(params) / f"rewind{rewind_epoch}"
     target = ticket_dir(root, source, seed, round_)
-    if (target / META).is_file():
+    if (target / TICKET_JSON).is_file():
         return root  # cached: computed by an earlier trial with this rewind epoch
     job = make_job(source, seed, params, rewind_epoch=rewind_epoch, rounds=round_, out_dir=target.parent)
     if round_ == 0:  # the dense network itself, rewound to this trial's epoch

@@ -16,7 +16,6 @@ from scipy import stats
 
 from lth.config import Params, arm_rounds
 from lth.errors import UserError
-from lth.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 
 COLUMNS = (
     "target", "arm", "source", "seed", "round", "fraction_pruned", "size_fraction", "test_acc", "test_loss",
@@ -191,7 +190,7 @@ def missing_results(df: pd.DataFrame, params: Params) -> pd.DataFrame:
 # ---------------------------------------------------------------- DVC metrics and plots
 
 
-def summary_metrics(agg: pd.DataFrame, table2: pd.DataFrame) -> dict[str, dict[str, float]]:
+def summary_json(agg: pd.DataFrame, table2: pd.DataFrame) -> dict[str, dict[str, float]]:
     """DVC metrics: per target, scratch's mean test accuracy and each best model's accuracy and sparsity."""
     out: dict[str, dict[str, float]] = {}
     for target in sorted(agg["target"].unique()):
@@ -214,28 +213,3 @@ def plot_table(agg: pd.DataFrame, target: str) -> pd.DataFrame:
     rows["arm_source"] = [series_key(a, s, target, f)
                           for a, s, f in zip(rows["arm"], rows["source"], rows["size_fraction"])]
     return rows[["arm_source", "round", "fraction_pruned", "test_acc_mean", "test_acc_std", "n_seeds"]]
-
-
-# ---------------------------------------------------------------- the shell
-
-
-def build_report(params: Params) -> Path:
-    """Write reports/ (pages, tables, figures) and results/ metrics from the transfer results; return index.html."""
-    from lth.report_html import write_pages
-    from lth.report_plots import draw_figures
-
-    results = Path(params.paths.results)
-    reports = Path(params.paths.reports)
-    df = load_results(results, params.transfer.targets)
-    agg = aggregate(df)
-    table2 = best_models(agg, df, params.report.alpha)
-    table3 = fraction_table(table2)
-    missing = missing_results(df, params)
-    with atomic_dir(reports / "figures") as tmp:  # a figure from an earlier, different study never lingers
-        figures = draw_figures(agg, params.transfer.targets, tmp, link_dir="figures")
-    atomic_write_text(reports / "table2.csv", table2.to_csv(index=False))
-    atomic_write_text(reports / "table3.csv", table3.to_csv(index=False))
-    for target in params.transfer.targets:
-        atomic_write_text(results / "plots" / f"{target}.csv", plot_table(agg, target).to_csv(index=False))
-    atomic_write_json(results / "summary.json", summary_metrics(agg, table2))
-    return write_pages(reports, params, table2, table3, missing, figures)

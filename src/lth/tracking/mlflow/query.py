@@ -12,8 +12,9 @@ from mlflow.entities.model_registry import ModelVersion
 from lth.config import Params
 from lth.errors import UserError
 from lth.fsutil import atomic_dir
-from lth.tickets import META, load_ticket
-from lth.tracking import TICKET_ARTIFACTS, Store, redact
+from lth.tickets import TICKET_JSON, load_ticket
+from lth.tracking.mlflow.registry import TICKET_ARTIFACTS
+from lth.tracking.mlflow.store import Store, redact
 
 DEFAULT_TOLERANCE = 0.02  # how far (in fraction pruned) the nearest ticket may be from the request
 COLUMNS = ("model", "version", "source", "arch", "seed", "round", "sparsity", "alias", "run_id")
@@ -102,7 +103,7 @@ def fetch_ticket(params: Params, source: str, sparsity: float, seed: int | None 
                  *, out_dir: str | Path, tolerance: float = DEFAULT_TOLERANCE) -> tuple[Path, dict[str, Any]]:
     """Download the registered ticket nearest `sparsity` into `out_dir` (verified, atomic); returns (dir, row)."""
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / META).is_file())):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / TICKET_JSON).is_file())):
         raise UserError(f"{out} exists and is not a ticket directory; choose another output directory")
     store = Store(params.tracking)
     chosen = _choose(store, source, sparsity, seed, arch, tolerance, params.imp.rewind_epoch)

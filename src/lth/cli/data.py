@@ -1,4 +1,4 @@
-"""`lth pull cytomine` and `lth build wikiart`: bring a user's copy of a target dataset into data/raw/."""
+"""`lth datasets`, `lth prepare`, and `lth pull cytomine` / `lth build wikiart` (a user's copy of a target set)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,44 @@ from pathlib import Path
 
 import click
 
-from lth.cli_options import PARAMS_OPTION
-
-from lth.config import DatasetParams, PathsConfig, PrepareConfig, load_params
+from lth.cli.options import PARAMS_OPTION
+from lth.config import DatasetParams, Params, PathsConfig, PrepareConfig, load_params
 from lth.errors import UserError
 
+
+@click.command("datasets")
+@PARAMS_OPTION
+def datasets_cmd(params_path: str) -> None:
+    """List the known datasets: role, classes, origin, whether prepared."""
+    from lth.data.registry import dataset_rows
+
+    params = load_params(Path(params_path)) if Path(params_path).is_file() else Params()
+    rows = dataset_rows(params)
+    headers = list(rows[0]) if rows else []
+    widths = [max(len(str(h)), *(len(str(r[h])) for r in rows)) for h in headers]
+    click.echo("  ".join(str(h).ljust(w) for h, w in zip(headers, widths)))
+    for row in rows:
+        click.echo("  ".join(str(row[h]).ljust(w) for h, w in zip(headers, widths)))
+
+
+@click.command("prepare")
+@click.argument("names", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Prepare every dataset named in prepare.datasets.")
+@PARAMS_OPTION
+def prepare_cmd(names: tuple[str, ...], all_: bool, params_path: str) -> None:
+    """Write data/prepared/NAME (uint8 splits, labels, meta.json) for each NAME."""
+    from lth.data.prepare import prepare_dataset
+    from lth.data.registry import get_spec
+
+    params = load_params(Path(params_path))
+    todo = list(params.prepare.datasets) if all_ else list(names)
+    if not todo:
+        raise UserError("name a dataset to prepare (see `lth datasets`) or pass --all")
+    for name in todo:
+        get_spec(name)  # fail before any work on an unknown name
+    for name in todo:
+        out = prepare_dataset(name, params)
+        click.echo(f"prepared {name} -> {out}")
 
 
 def _study(path: str, dataset: str) -> tuple[DatasetParams, int, Path]:

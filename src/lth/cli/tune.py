@@ -7,12 +7,10 @@ from pathlib import Path
 
 import click
 
-from lth.cli_options import PARAMS_OPTION
-
+from lth.cli.options import PARAMS_OPTION
 from lth.config import load_params
 
 
-# Defined here rather than imported from lth.cli: lth.cli imports this module at its end (see cli_report).
 @click.command("tune")
 @click.argument("source")
 @click.argument("target")
@@ -28,13 +26,13 @@ def tune(source: str, target: str, n_trials: int | None, study_name: str | None,
     """Tune imp.rewind_epoch and transfer.lr for SOURCE's ticket transferred to TARGET; write results/tune/best.yaml."""
     import pandas as pd
 
-    from lth.tracking import get_tracker
-    from lth.tune import check_inputs, run_tune
+    from lth.tracking.mlflow import get_tracker
+    from lth.study.tune import check_tune_inputs, run_tune
 
     params = load_params(Path(params_path))
     overrides = {"n_trials": n_trials, "study_name": study_name, "storage": storage}
     params = replace(params, tune=replace(params.tune, **{k: v for k, v in overrides.items() if v is not None}))
-    check_inputs(source, target, params)  # before the tracker creates anything
+    check_tune_inputs(source, target, params)  # before the tracker creates anything
     result = run_tune(source, target, params, get_tracker(params))
     click.echo(pd.DataFrame(result.trials).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     click.echo(f"best: trial {result.best_trial}  rewind_epoch={result.rewind_epoch}  lr={result.lr:.4g}  "

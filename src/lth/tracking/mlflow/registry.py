@@ -9,8 +9,8 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from lth.tickets import META, WEIGHTS, TicketMeta
-from lth.tracking.store import Store
+from lth.tickets import TICKET_JSON, WEIGHTS, TicketMeta
+from lth.tracking.mlflow.store import Store
 
 TICKET_ARTIFACTS = "ticket"  # run artifact folder holding the ticket directory
 WEIGHTS_TAG = "weights_sha256"  # version tag: which weights the version holds
@@ -49,7 +49,7 @@ class TicketRegistry:
         with tempfile.TemporaryDirectory(prefix="lth-ticket-") as tmp:
             try:
                 got = self.store.call(self.store.client.download_artifacts, version.run_id,
-                                      f"{TICKET_ARTIFACTS}/{META}", tmp)
+                                      f"{TICKET_ARTIFACTS}/{TICKET_JSON}", tmp)
                 return json.loads(Path(got).read_text()).get("sha256", {}).get(WEIGHTS)
             except (MlflowException, OSError, ValueError):
                 return None

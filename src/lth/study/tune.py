@@ -2,7 +2,7 @@
 
 The only module that imports optuna. Every trial shares the source's one dense run (its early
 checkpoints are the rewind points); the ticket of round `tune.round` is computed once per rewind epoch
-(lth.tune_tickets), so trials that differ only in learning rate reuse it. `tune.n_trials` is the number of
+(lth.study.tune_tickets), so trials that differ only in learning rate reuse it. `tune.n_trials` is the number of
 finished (complete or pruned) trials the study should have: a rerun adds only the missing ones, and
 raising it resumes the same study with more trials. A study (and its ticket cache) resumes only under
 the settings it was started with, so that its trials stay comparable.
@@ -23,13 +23,13 @@ from sqlalchemy.engine import make_url
 from lth.config import Params, flatten
 from lth.data.loader import Normalizer
 from lth.data.registry import get_spec
-from lth.data.store import PreparedDataset, load_prepared, read_meta
+from lth.data.store import PreparedDataset, load_prepared, read_dataset_meta
 from lth.errors import UserError
 from lth.fsutil import atomic_write_text
 from lth.tracking import NullTracker, Run, Tracker
 from lth.training import EpochMetrics, fit
-from lth.transfer import FineTune, initial_network
-from lth.tune_tickets import check_settings, claim_cache, ensure_dense, ensure_ticket, study_settings
+from lth.study.transfer import FineTune, initial_network
+from lth.study.tune_tickets import check_settings, claim_cache, ensure_dense, ensure_ticket, study_settings
 
 PRUNER_STARTUP_TRIALS = 3  # trials that always run to the end before the median pruner may stop one
 PRUNER_WARMUP_EPOCHS = 1  # never prune after the first epoch: a fresh head's first accuracy says little
@@ -151,11 +151,11 @@ class _Objective:
         return best
 
 
-def check_inputs(source: str, target: str, params: Params) -> None:
+def check_tune_inputs(source: str, target: str, params: Params) -> None:
     """Fail before any work: unknown or unprepared datasets, rewind epochs without checkpoints, a bad storage URL."""
     for name in (source, target):
         get_spec(name)
-        read_meta(params.paths.data, name)
+        read_dataset_meta(params.paths.data, name)
     kept = max(params.imp.keep_epochs, params.imp.rewind_epoch)
     hi = params.tune.rewind_epochs[1]
     if hi > kept:  # the dense run is shared with `lth imp`, which keeps epochs 0..kept only
@@ -197,7 +197,7 @@ def run_tune(source: str, target: str, params: Params, tracker: Tracker | None =
 
     tracker = tracker or NullTracker()
     cfg = params.tune
-    check_inputs(source, target, params)
+    check_tune_inputs(source, target, params)
     study = open_study(source, target, params, pruner)
     claim_cache(params, study_settings(source, target, params))
     data = load_prepared(params.paths.data, target)

@@ -1,41 +1,16 @@
-"""Runs: what a job logs to (`Run`), one that records nothing, and one MLflow run with buffered metrics."""
+"""One MLflow run with buffered metrics, and MLflow's size limits."""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping
 
 from mlflow.entities import Metric, Param, RunTag
 
-from lth.tracking.store import Store, _chunks
+from lth.tracking.mlflow.store import Store, _chunks
 
 MAX_PARAM_LEN, MAX_TAG_LEN = 6000, 8000  # MLflow's value limits
 METRICS_PER_BATCH, PARAMS_TAGS_PER_BATCH = 1000, 100  # MLflow's log_batch limits
-
-
-class Run(Protocol):
-    """A tracked run (a job's parent run or one nested run)."""
-
-    run_id: str | None
-
-    def log_params(self, params: Mapping[str, Any]) -> None: ...
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
-    def set_tags(self, tags: Mapping[str, str]) -> None: ...
-
-
-class NullRun:
-    """A run that records nothing."""
-
-    run_id: str | None = None
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        pass
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        pass
 
 
 class MlflowRun:

@@ -19,13 +19,13 @@ from tqdm.auto import tqdm
 from lth.config import Params, arm_rounds, flatten
 from lth.data.loader import Normalizer
 from lth.data.registry import get_spec
-from lth.data.store import PreparedDataset, load_prepared, read_meta
+from lth.data.store import PreparedDataset, load_prepared, read_dataset_meta
 from lth.errors import UserError
 from lth.fsutil import atomic_write_json, atomic_write_text
-from lth.imp import make_job, run_imp
+from lth.study.imp import make_job, run_imp
 from lth.models import build_model, replace_head
 from lth.pruning import apply_mask, full_mask, sparsity
-from lth.tickets import TicketMeta, load_ticket, read_meta as read_ticket_meta, ticket_dir
+from lth.tickets import TicketMeta, load_ticket, read_ticket_meta, ticket_dir
 from lth.tracking import NullTracker, Run, Tracker
 from lth.training import evaluate, fit, summary_metrics
 
@@ -86,10 +86,10 @@ def plan(target: str, params: Params, arms: tuple[str, ...]) -> list[FineTune]:
     return todo
 
 
-def check_inputs(target: str, params: Params, todo: list[FineTune]) -> None:
+def check_transfer_inputs(target: str, params: Params, todo: list[FineTune]) -> None:
     """Fail before any training: unknown datasets, unprepared target, missing tickets."""
     get_spec(target)
-    read_meta(params.paths.data, target)
+    read_dataset_meta(params.paths.data, target)
     for pair in params.transfer.related:
         get_spec(pair.source)
         get_spec(pair.target)
@@ -198,7 +198,7 @@ def run_transfer(target: str, params: Params, tracker: Tracker | None = None,
     tracker = tracker or NullTracker()
     arms = arms or params.transfer.arms
     todo = plan(target, params, arms)
-    check_inputs(target, params, todo)
+    check_transfer_inputs(target, params, todo)
     data = load_prepared(params.paths.data, target)
     runs_dir = results_dir(params, target) / "runs"
     job_params = flatten(params.transfer, "transfer") | flatten(params.train, "train") | {"target": target}

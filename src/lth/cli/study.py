@@ -1,0 +1,56 @@
+"""`lth imp` and `lth transfer`: the study's two kinds of job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from lth.cli.options import PARAMS_OPTION
+from lth.config import Params, load_params
+from lth.errors import UserError
+from lth.tracking import Tracker
+
+
+def _tracker(params: Params) -> Tracker:
+    from lth.tracking.mlflow import get_tracker  # MLflow loads only for a command that tracks
+
+    return get_tracker(params)
+
+
+@click.command("imp")
+@click.argument("source")
+@click.option("--seed", type=int, default=None, help="One seed (default: every seed in imp.seeds).")
+@click.option("--rounds", type=click.IntRange(1, 60), default=None, help="Override imp.rounds.")
+@PARAMS_OPTION
+def imp_cmd(source: str, seed: int | None, rounds: int | None, params_path: str) -> None:
+    """Find tickets on SOURCE by iterative magnitude pruning with late resetting."""
+    from lth.data.registry import get_spec
+    from lth.data.store import read_dataset_meta
+    from lth.study.imp import make_job, run_imp
+
+    params = load_params(Path(params_path))
+    get_spec(source)
+    read_dataset_meta(params.paths.data, source)  # a clear error before any training when data is missing
+    tracker = _tracker(params)
+    for s in [seed] if seed is not None else list(params.imp.seeds):
+        job = make_job(source, s, params, rounds=rounds)
+        dirs = run_imp(job, params, tracker)
+        click.echo(f"imp {source} seed {s}: {len(dirs)} tickets under {job.out_dir}")
+
+
+@click.command("transfer")
+@click.argument("target")
+@click.option("--arm", "arms", multiple=True, help="Run only these arms (repeatable; default: transfer.arms).")
+@PARAMS_OPTION
+def transfer_cmd(target: str, arms: tuple[str, ...], params_path: str) -> None:
+    """Fine-tune every arm of the study on TARGET and write results/transfer/TARGET.csv."""
+    from lth.config import ARMS
+    from lth.study.transfer import run_transfer
+
+    params = load_params(Path(params_path))
+    for arm in arms:
+        if arm not in ARMS:
+            raise UserError(f"unknown arm {arm!r} (--arm); choose from {', '.join(ARMS)}")
+    csv = run_transfer(target, params, _tracker(params), arms=arms or None)
+    click.echo(f"transfer {target}: results in {csv}")
