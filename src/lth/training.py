@@ -71,11 +71,6 @@ class FitResult:
         return next((m for m in self.history if m.epoch == self.best_epoch), None)
 
 
-def summary_metrics(metrics: dict) -> dict[str, float]:
-    """A run's end-of-training metrics; best_* names keep them off the per-epoch val_* curves."""
-    return {(f"best_{k}" if k in ("val_acc", "val_loss") else k): float(v) for k, v in metrics.items()}
-
-
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu."""
     if name == "auto":

@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save as st_save
 from tqdm.auto import tqdm
 
 from lth.config import Params, flatten
-from lth.data.loader import Normalizer
 from lth.data.splits import stratified_sample
 from lth.data.store import PreparedDataset, load_prepared
 from lth.fsutil import atomic_write_bytes
@@ -24,7 +23,7 @@ from lth.provenance import code_version, data_version
 from lth.pruning import Mask, apply_mask, full_mask, prune_global, sparsity, sparsity_report
 from lth.tickets import MASK, TICKET_JSON, TicketMeta, load_ticket, read_ticket_meta, save_ticket, ticket_dir
 from lth.tracking import NullTracker, Run, Tracker
-from lth.training import EpochMetrics, evaluate, fit, summary_metrics
+from lth.study.step import Step, StepResult, end_metrics, run_step
 
 DENSE = "dense"  # <seed dir>/dense/epochNN.safetensors: the dense run's early checkpoints (rewind points)
 
@@ -40,6 +39,12 @@ class ImpJob:
     rounds: int
     dense_dir: Path  # where round 0 and the dense checkpoints live (shared across rewind epochs)
     train_fraction: float = 1.0  # < 1: tickets found on a stratified fraction of the training split
+    purpose: str = ""  # e.g. "tune-rewind3": tickets for another use, logged apart and never registered
+
+    @property
+    def registers(self) -> bool:
+        """Whether its tickets go to the registry: the study's own tickets only (full data, no other purpose)."""
+        return self.train_fraction >= 1 and not self.purpose
 
     @property
     def label(self) -> str:
@@ -53,7 +58,8 @@ def size_dir(models_root: str | Path, target: str, fraction: float, seed: int) -
 
 
 def make_job(source: str, seed: int, params: Params, *, rewind_epoch: int | None = None,
-             rounds: int | None = None, out_dir: Path | None = None, train_fraction: float = 1.0) -> ImpJob:
+             rounds: int | None = None, out_dir: Path | None = None, train_fraction: float = 1.0,
+             purpose: str = "") -> ImpJob:
     """The job for `source` and `seed`; `out_dir` lets `lth tune` keep per-rewind-epoch tickets elsewhere."""
     home = ticket_dir(params.paths.models, source, seed, 0).parent
     if train_fraction < 1:
@@ -66,6 +72,7 @@ def make_job(source: str, seed: int, params: Params, *, rewind_epoch: int | None
         rounds=params.imp.rounds if rounds is None else rounds,
         dense_dir=home,
         train_fraction=train_fraction,
+        purpose=purpose,
     )
 
 
@@ -85,16 +92,20 @@ def dense_checkpoint(job: ImpJob, epoch: int) -> Path:
     return job.dense_dir / DENSE / f"epoch{epoch:02d}.safetensors"
 
 
+def rewind_points(params: Params, rewind_epoch: int) -> list[int]:
+    """The dense epochs whose weights the dense run keeps: 0..max(imp.keep_epochs, rewind_epoch)."""
+    return list(range(0, max(params.imp.keep_epochs, rewind_epoch) + 1))
+
+
+def dense_done(job: ImpJob, params: Params) -> bool:
+    """Whether the job's dense run is complete: its round-0 ticket and every rewind point are on disk."""
+    return (_round_dir(job, 0) / MASK).is_file() and all(
+        dense_checkpoint(job, e).is_file() for e in rewind_points(params, job.rewind_epoch))
+
+
 def _round_dir(job: ImpJob, round_: int) -> Path:
     base = job.dense_dir if round_ == 0 else job.out_dir
     return base / f"round{round_:02d}"
-
-
-def _log_epoch(run: Run):
-    def log(m: EpochMetrics) -> None:
-        run.log_metrics(m.as_dict(), step=m.epoch)
-
-    return log
 
 
 def _round_run(job: ImpJob, round_: int, frac: float, params: Params,
@@ -109,37 +120,30 @@ def _round_run(job: ImpJob, round_: int, frac: float, params: Params,
 
 def _catch_up_registration(job: ImpJob, directory: Path, params: Params, tracker: Tracker, parent: Run) -> None:
     """A ticket a killed try wrote but may not have registered: register it unless the registry has it."""
-    if job.train_fraction < 1:
+    if not job.registers:
         return
     meta = read_ticket_meta(directory)
     name, run_params, tags = _round_run(job, meta.round, meta.sparsity, params, meta.rewind_epoch)
     tracker.ensure_registered(parent, name, directory, meta, params=run_params, tags=tags,
-                              metrics=summary_metrics(meta.metrics))
+                              metrics=end_metrics(meta.metrics))
 
 
 def _train_round(
     job: ImpJob, round_: int, data: PreparedDataset, params: Params, tracker: Tracker, parent: Run,
     start_state: dict[str, torch.Tensor], mask: Mask, keep_epochs: list[int],
-) -> tuple[Path, dict[int, dict[str, torch.Tensor]]]:
-    """Train one round from `start_state` under `mask` and write its ticket; returns (dir, kept epochs)."""
-    norm = Normalizer(data.mean, data.std)
+) -> Path:
+    """Train one round from `start_state` under `mask` and write its ticket (round 0: and the rewind points)."""
     model = build_model(params.model, data.num_classes, job.seed)
     model.load_state_dict(start_state)
     frac = sparsity(mask)
     name, run_params, tags = _round_run(job, round_, frac, params)
-    ckpt = job.out_dir / ".checkpoints" / f"round{round_:02d}.safetensors"
-    with tracker.child(parent, name, params=run_params, tags=tags) as run:
-        result = fit(model, data.train, data.val, norm, params.train, seed=job.seed * 1000 + round_, mask=mask,
-                     keep_epochs=keep_epochs, on_epoch=_log_epoch(run), desc=name, checkpoint=ckpt)
-        model.load_state_dict(result.best_state)
-        test = evaluate(model, data.test, norm, params.train)
-        best = result.best
-        metrics = {
-            "test_acc": test.acc, "test_loss": test.loss, "sparsity": frac, "best_epoch": result.best_epoch,
-            "epochs": len(result.history), "seconds": sum(m.seconds for m in result.history),
-            "val_acc": best.val_acc if best else float("nan"), "val_loss": best.val_loss if best else float("nan"),
-        }
-        run.log_metrics(summary_metrics(metrics))
+    step = Step(name, run_params, tags, seed=job.seed * 1000 + round_, mask=mask,
+                checkpoint=job.out_dir / ".checkpoints" / f"round{round_:02d}.safetensors",
+                keep_epochs=tuple(keep_epochs), extra={"sparsity": frac})
+
+    def save(run: Run, done: StepResult | None) -> Path:
+        assert done is not None
+        result = done.fit
         rewind = start_state if round_ > 0 else result.kept[job.rewind_epoch]
         if round_ == 0:  # rewind points before the ticket: the round-0 ticket means the dense run is done
             for epoch, state in result.kept.items():
@@ -148,30 +152,27 @@ def _train_round(
             source=job.source, arch=params.model.name, seed=job.seed, round=round_, sparsity=frac,
             rewind_epoch=job.rewind_epoch, num_classes=data.num_classes, prunable=tuple(mask),
             pruning_rate=params.imp.pruning_rate, code_version=code_version(),
-            data_version=data_version(params.paths.data, job.source), metrics=metrics,
+            data_version=data_version(params.paths.data, job.source), metrics=done.metrics,
             train_fraction=job.train_fraction,
         )
         extra = {"history.json": [m.__dict__ for m in result.history], "sparsity.json": sparsity_report(mask)}
         out = save_ticket(_round_dir(job, round_), meta, apply_mask(rewind, mask), mask,
                           trained=apply_mask(result.best_state, mask), extra_json=extra)
-        if job.train_fraction >= 1:
+        if job.registers:
             tracker.register_ticket(run, out, read_ticket_meta(out))  # as saved: with the files' sha256
-    for p in (ckpt, ckpt.with_suffix(".json")):
-        p.unlink(missing_ok=True)
-    return out, result.kept
+        return out
+
+    return run_step(tracker, parent, model, data, params, step, save)
 
 
 def _ensure_dense(job: ImpJob, data: PreparedDataset, params: Params, tracker: Tracker, parent: Run) -> None:
     """Round 0: the dense run, keeping its early checkpoints as rewind points."""
-    need = sorted(set(range(0, max(params.imp.keep_epochs, job.rewind_epoch) + 1)))
-    have_round = (_round_dir(job, 0) / MASK).is_file()
-    have_ckpts = all(dense_checkpoint(job, e).is_file() for e in need)
-    if have_round and have_ckpts:
+    if dense_done(job, params):
         _catch_up_registration(job, _round_dir(job, 0), params, tracker, parent)
         return
     model = build_model(params.model, data.num_classes, job.seed)
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    _train_round(job, 0, data, params, tracker, parent, init, full_mask(model), need)
+    _train_round(job, 0, data, params, tracker, parent, init, full_mask(model), rewind_points(params, job.rewind_epoch))
 
 
 def run_imp(job: ImpJob, params: Params, tracker: Tracker | None = None) -> list[Path]:
@@ -183,7 +184,10 @@ def run_imp(job: ImpJob, params: Params, tracker: Tracker | None = None) -> list
                    "train_fraction": job.train_fraction}
     tags = {"source": job.source, "seed": str(job.seed), "arch": params.model.name,
             "data_version": data_version(params.paths.data, job.source)}
-    with tracker.job(f"imp/{job.source}", f"imp {job.label} s{job.seed}", params=job_params, tags=tags) as parent:
+    name = f"imp {job.label} s{job.seed}" + (f" {job.purpose}" if job.purpose else "")
+    if job.purpose:  # named apart, so it is not mistaken for the study's IMP job
+        tags |= {"lth.purpose": job.purpose}
+    with tracker.job(f"imp/{job.source}", name, params=job_params, tags=tags) as parent:
         _ensure_dense(job, data, params, tracker, parent)
         rewind = load_file(str(dense_checkpoint(job, job.rewind_epoch)))
         dirs = [_round_dir(job, 0)]
@@ -197,7 +201,7 @@ def run_imp(job: ImpJob, params: Params, tracker: Tracker | None = None) -> list
             prev = load_ticket(_round_dir(job, round_ - 1), with_trained=True)
             assert prev.trained is not None
             mask = prune_global(prev.trained, prev.mask, params.imp.pruning_rate)
-            out, _ = _train_round(job, round_, data, params, tracker, parent, apply_mask(rewind, mask), mask, [])
+            out = _train_round(job, round_, data, params, tracker, parent, apply_mask(rewind, mask), mask, [])
             dirs.append(out)
         parent.log_metrics({"rounds_done": float(job.rounds)})
     return dirs

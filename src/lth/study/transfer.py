@@ -7,17 +7,16 @@ results/transfer/<target>/runs/<key>.json, so a rerun skips what is done; the CS
 from __future__ import annotations
 
 import json
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from lth.config import Params, arm_rounds, flatten
-from lth.data.loader import Normalizer
 from lth.data.registry import get_spec
 from lth.data.store import PreparedDataset, load_prepared, read_dataset_meta
 from lth.errors import UserError
@@ -27,7 +26,7 @@ from lth.models import build_model, replace_head
 from lth.pruning import apply_mask, full_mask, sparsity
 from lth.tickets import TicketMeta, load_ticket, read_ticket_meta, ticket_dir
 from lth.tracking import NullTracker, Run, Tracker
-from lth.training import evaluate, fit, summary_metrics
+from lth.study.step import Step, StepResult, run_step
 
 COLUMNS = [
     "target", "arm", "source", "seed", "round", "fraction_pruned", "size_fraction",
@@ -55,6 +54,14 @@ class FineTune:
     def fit_seed(self) -> int:
         """Seed of the fine-tune's batches and new head: a pure function of its identity."""
         return zlib.crc32(f"{self.target}/{self.key}".encode()) % (2**31)
+
+
+def result_row(target: str, arm: str, source: str, seed: int, round_: int, size_fraction: float,
+               metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """One row of results/transfer/<target>.csv: the fine-tune's identity and its end metrics, in COLUMNS order."""
+    found = {"target": target, "arm": arm, "source": source, "seed": seed, "round": round_,
+             "size_fraction": size_fraction, **metrics}
+    return {k: found[k] for k in COLUMNS}
 
 
 def results_dir(params: Params, target: str) -> Path:
@@ -142,34 +149,23 @@ def run_finetune(ft: FineTune, data: PreparedDataset, params: Params, tracker: T
                  save_to: Path | None = None) -> dict:
     """Fine-tune one arm's network on the target; returns its result row (also written to `save_to`)."""
     model, mask = initial_network(ft, data, params)
-    norm = Normalizer(data.mean, data.std)
     frac = sparsity(mask)
-    name = f"transfer {ft.target} {ft.arm} {ft.source or '-'} s{ft.seed} r{ft.round:02d}"
     tags = {"target": ft.target, "arm": ft.arm, "source": ft.source, "seed": str(ft.seed),
             "round": str(ft.round), "sparsity": f"{frac:.4f}"}
-    ckpt = results_dir(params, ft.target) / ".checkpoints" / f"{ft.key}.safetensors"
-    t0 = time.perf_counter()
-    with tracker.child(parent, name, params={"arm": ft.arm, "source": ft.source, "round": ft.round,
-                                             "fit_seed": ft.fit_seed}, tags=tags) as run:
-        result = fit(model, data.train, data.val, norm, params.train, seed=ft.fit_seed, mask=mask,
-                     on_epoch=lambda m: run.log_metrics(m.as_dict(), step=m.epoch), desc=name,
-                     checkpoint=ckpt, lr=params.transfer.lr, max_epochs=params.transfer.max_epochs)
-        model.load_state_dict(result.best_state)
-        test = evaluate(model, data.test, norm, params.train)
-        best = result.best
-        row = {
-            "target": ft.target, "arm": ft.arm, "source": ft.source, "seed": ft.seed, "round": ft.round,
-            "fraction_pruned": frac, "size_fraction": 1.0, "test_acc": test.acc, "test_loss": test.loss,
-            "val_acc": best.val_acc if best else float("nan"), "val_loss": best.val_loss if best else float("nan"),
-            "best_epoch": result.best_epoch, "epochs": len(result.history), "seconds": time.perf_counter() - t0,
-        }
-        run.log_metrics(summary_metrics({k: row[k] for k in ("test_acc", "test_loss", "val_acc", "val_loss",
-                                                       "fraction_pruned", "epochs", "seconds")}))
+    step = Step(f"transfer {ft.target} {ft.arm} {ft.source or '-'} s{ft.seed} r{ft.round:02d}",
+                {"arm": ft.arm, "source": ft.source, "round": ft.round, "fit_seed": ft.fit_seed}, tags,
+                seed=ft.fit_seed, mask=mask,
+                checkpoint=results_dir(params, ft.target) / ".checkpoints" / f"{ft.key}.safetensors",
+                lr=params.transfer.lr, max_epochs=params.transfer.max_epochs, extra={"fraction_pruned": frac})
+
+    def save(run: Run, done: StepResult | None) -> dict:
+        assert done is not None
+        row = result_row(ft.target, ft.arm, ft.source, ft.seed, ft.round, 1.0, done.metrics)
         if save_to is not None:  # inside the run: a kill now leaves a run marked FAILED, never a second FINISHED one
             atomic_write_json(save_to, row)
-    for p in (ckpt, ckpt.with_suffix(".json")):
-        p.unlink(missing_ok=True)
-    return row
+        return row
+
+    return run_step(tracker, parent, model, data, params, step, save)
 
 
 def size_rows(target: str, params: Params, tracker: Tracker) -> list[dict]:
@@ -182,13 +178,8 @@ def size_rows(target: str, params: Params, tracker: Tracker) -> list[dict]:
                 meta = read_ticket_meta(d)
                 if meta.round not in arm_rounds(params, "size"):
                     continue
-                m = meta.metrics
-                rows.append({
-                    "target": target, "arm": "size", "source": target, "seed": seed, "round": meta.round,
-                    "fraction_pruned": meta.sparsity, "size_fraction": fraction, "test_acc": m["test_acc"],
-                    "test_loss": m["test_loss"], "val_acc": m["val_acc"], "val_loss": m["val_loss"],
-                    "best_epoch": m["best_epoch"], "epochs": m["epochs"], "seconds": m["seconds"],
-                })
+                rows.append(result_row(target, "size", target, seed, meta.round, fraction,
+                                       {**meta.metrics, "fraction_pruned": meta.sparsity}))
     return rows
 
 

@@ -21,14 +21,15 @@ import yaml
 from sqlalchemy.engine import make_url
 
 from lth.config import Params, flatten
-from lth.data.loader import Normalizer
 from lth.data.registry import get_spec
 from lth.data.store import PreparedDataset, load_prepared, read_dataset_meta
 from lth.errors import UserError
 from lth.fsutil import atomic_write_text
 from lth.tracking import NullTracker, Run, Tracker
-from lth.training import EpochMetrics, fit
+from lth.study.step import Step, StepResult, run_step
+from lth.training import EpochMetrics
 from lth.study.transfer import FineTune, initial_network
+from lth.study.imp import rewind_points
 from lth.study.tune_tickets import check_settings, claim_cache, ensure_dense, ensure_ticket, study_settings
 
 PRUNER_STARTUP_TRIALS = 3  # trials that always run to the end before the median pruner may stop one
@@ -122,33 +123,28 @@ class _Objective:
         ft = FineTune(self.target, "transfer", self.source, cfg.seed, cfg.round)
         model, mask = initial_network(ft, self.data, replace(self.params, paths=replace(self.params.paths,
                                                                                          models=str(root))))
-        history: list[EpochMetrics] = []
-        name = f"tune {cfg.study_name} t{trial.number:03d}"
         tags = {"source": self.source, "target": self.target, "study": cfg.study_name,
                 "trial": str(trial.number), "round": str(cfg.round)}
-        with self.tracker.child(self.parent, name, params={"trial": trial.number, "rewind_epoch": rewind_epoch,
-                                                           "lr": lr, "round": cfg.round}, tags=tags) as run:
+        step = Step(f"tune {cfg.study_name} t{trial.number:03d}",
+                    {"trial": trial.number, "rewind_epoch": rewind_epoch, "lr": lr, "round": cfg.round}, tags,
+                    seed=ft.fit_seed, mask=mask, lr=lr, max_epochs=cfg.max_epochs, test=False)
+        history: list[EpochMetrics] = []
 
-            def on_epoch(m: EpochMetrics) -> None:
-                history.append(m)
-                run.log_metrics(m.as_dict(), step=m.epoch)
-                trial.report(m.val_acc, m.epoch)
-                if trial.should_prune():  # raised through fit(), which stops there
-                    raise optuna.TrialPruned(f"pruned after epoch {m.epoch}")
+        def on_epoch(m: EpochMetrics) -> None:
+            history.append(m)
+            trial.report(m.val_acc, m.epoch)
+            if trial.should_prune():  # raised through fit(), which stops there
+                raise optuna.TrialPruned(f"pruned after epoch {m.epoch}")
 
-            pruned = False
-            try:
-                fit(model, self.data.train, self.data.val, Normalizer(self.data.mean, self.data.std),
-                    self.params.train, seed=ft.fit_seed, mask=mask, on_epoch=on_epoch, desc=name, lr=lr,
-                    max_epochs=cfg.max_epochs)
-            except optuna.TrialPruned:
-                pruned = True
-            best = max((m.val_acc for m in history), default=0.0)
-            run.log_metrics({"best_val_acc": best, "epochs": float(len(history))})
-            run.set_tags({"optuna.state": "PRUNED" if pruned else "COMPLETE"})
-        if pruned:
-            raise optuna.TrialPruned(f"pruned after epoch {len(history)}")
-        return best
+        def save(run: Run, done: StepResult | None) -> float:
+            """The objective: the fine-tune's best validation accuracy over its epochs."""
+            objective = max((m.val_acc for m in history), default=0.0)
+            run.log_metrics({"objective": objective} | ({} if done else {"epochs": float(len(history))}))
+            run.set_tags({"optuna.state": "COMPLETE" if done is not None else "PRUNED"})
+            return objective
+
+        return run_step(self.tracker, self.parent, model, self.data, self.params, step, save, on_epoch=on_epoch,
+                        stops=(optuna.TrialPruned,))
 
 
 def check_tune_inputs(source: str, target: str, params: Params) -> None:
@@ -156,11 +152,11 @@ def check_tune_inputs(source: str, target: str, params: Params) -> None:
     for name in (source, target):
         get_spec(name)
         read_dataset_meta(params.paths.data, name)
-    kept = max(params.imp.keep_epochs, params.imp.rewind_epoch)
+    kept = rewind_points(params, params.imp.rewind_epoch)
     hi = params.tune.rewind_epochs[1]
-    if hi > kept:  # the dense run is shared with `lth imp`, which keeps epochs 0..kept only
+    if hi not in kept:  # the dense run is shared with `lth imp`, which keeps only these epochs
         raise UserError(f"tune.rewind_epochs goes up to {hi} but the dense run keeps checkpoints of epochs "
-                        f"0..{kept}: set imp.keep_epochs >= {hi}")
+                        f"0..{kept[-1]}: set imp.keep_epochs >= {hi}")
     storage_url(params)
 
 

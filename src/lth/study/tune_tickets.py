@@ -7,21 +7,20 @@ settings it was computed under (settings.json beside it).
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from safetensors.torch import load_file
 
 from lth.config import Params, flatten
 from lth.errors import UserError
 from lth.fsutil import atomic_write_json
-from lth.study.imp import dense_checkpoint, make_job, run_imp
+from lth.study.imp import dense_checkpoint, dense_done, make_job, run_imp
 from lth.provenance import data_version
-from lth.tickets import TICKET_JSON, TicketMeta, load_ticket, read_ticket_meta, save_ticket, ticket_dir
-from lth.tracking import Run, Tracker
+from lth.tickets import TICKET_JSON, load_ticket, read_ticket_meta, save_ticket, ticket_dir
+from lth.tracking import Tracker
 
 NOT_SETTINGS = ("train.device", "train.threads", "train.eval_batch_size")  # change speed, not results
 
@@ -58,40 +57,10 @@ def claim_cache(params: Params, settings: dict[str, Any]) -> None:
     atomic_write_json(path, settings)
 
 
-class TuneImpTracker:
-    """IMP for one rewind epoch: logged under its own parent run, never registered (not the study's tickets)."""
-
-    def __init__(self, inner: Tracker, rewind_epoch: int) -> None:
-        self.inner = inner
-        self.rewind_epoch = rewind_epoch
-
-    def job(self, experiment: str, run_name: str, *, params: Mapping[str, Any],
-            tags: Mapping[str, str]) -> contextlib.AbstractContextManager[Run]:
-        """The parent run, named after the rewind epoch so it is not mistaken for the study's IMP job."""
-        return self.inner.job(experiment, f"{run_name} tune-rewind{self.rewind_epoch}", params=params,
-                              tags={**tags, "lth.tune": "true"})
-
-    def child(self, parent: Run, run_name: str, *, params: Mapping[str, Any],
-              tags: Mapping[str, str]) -> contextlib.AbstractContextManager[Run]:
-        """One round, as usual."""
-        return self.inner.child(parent, run_name, params=params, tags=tags)
-
-    def register_ticket(self, run: Run, ticket_dir: Path, meta: TicketMeta) -> None:
-        """Not registered: the registry holds the study's tickets only."""
-
-    def ensure_registered(self, parent: Run, run_name: str, ticket_dir: Path, meta: TicketMeta, *,
-                          params: Mapping[str, Any], tags: Mapping[str, str],
-                          metrics: Mapping[str, float]) -> bool:
-        """Not registered (see register_ticket)."""
-        return False
-
-
 def ensure_dense(source: str, params: Params, tracker: Tracker) -> None:
     """The source's dense run (round 0 + checkpoints of every rewind epoch), trained if missing."""
     job = make_job(source, params.tune.seed, params, rounds=0)
-    hi = params.tune.rewind_epochs[1]
-    have = (ticket_dir(params.paths.models, source, job.seed, 0) / TICKET_JSON).is_file()
-    if not (have and all(dense_checkpoint(job, e).is_file() for e in range(hi + 1))):
+    if not dense_done(job, params):  # keeps every rewind point of tune.rewind_epochs (check_tune_inputs)
         run_imp(job, params, tracker)
 
 
@@ -105,11 +74,12 @@ def ensure_ticket(source: str, rewind_epoch: int, params: Params, tracker: Track
     target = ticket_dir(root, source, seed, round_)
     if (target / TICKET_JSON).is_file():
         return root  # cached: computed by an earlier trial with this rewind epoch
-    job = make_job(source, seed, params, rewind_epoch=rewind_epoch, rounds=round_, out_dir=target.parent)
+    job = make_job(source, seed, params, rewind_epoch=rewind_epoch, rounds=round_, out_dir=target.parent,
+                   purpose=f"tune-rewind{rewind_epoch}")
     if round_ == 0:  # the dense network itself, rewound to this trial's epoch
         dense = load_ticket(ticket_dir(params.paths.models, source, seed, 0))
         save_ticket(target, replace(dense.meta, rewind_epoch=rewind_epoch),
                     load_file(str(dense_checkpoint(job, rewind_epoch))), dense.mask)
     else:
-        run_imp(job, params, TuneImpTracker(tracker, rewind_epoch))
+        run_imp(job, params, tracker)  # logged apart under its purpose, never registered
     return root
