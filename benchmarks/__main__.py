@@ -6,7 +6,7 @@ import argparse
 import importlib
 import os
 
-NAMES = ("mask_overhead", "data_path", "tracking_overhead", "pipeline", "gpu")
+from benchmarks.common import NAMES
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+NAMES = ("mask_overhead", "data_path", "tracking_overhead", "pipeline", "gpu")  # `python -m benchmarks` runs these
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -34,8 +35,6 @@ def machine() -> dict[str, Any]:
 
 def command(name: str) -> str:
     """The command that reproduces one benchmark."""
-    from benchmarks.__main__ import NAMES
-
     extra = " ".join(a for a in sys.argv[1:] if a not in NAMES)  # the options, with their values
     return f".venv/bin/python -m benchmarks {name}" + (f" {extra}" if extra else "")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,7 @@ from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from cli_study import lth_env, run_lth, write_study
-from conftest import tiny_raw
+from helpers import free_port, lth_env, run_lth, tiny_raw, write_cli_study
 from lth.cli import main
 from lth.config import params_from_dict
 from lth.fsutil import sha256_file
@@ -33,13 +31,6 @@ IMP = ["imp", "fashion-mnist", "--seed", "0", "--params", "tiny.yaml"]
 TRANSFER = ["transfer", "digits", "--arm", "transfer", "--params", "tiny.yaml"]
 FETCH = ["tickets", "fetch", "--source", "fashion-mnist", "--sparsity", "0.2", "-o", "fetched", "--params", "tiny.yaml"]
 FOLDER_PREP = ["prepare", "human-lba", "--params", "tiny.yaml"]
-
-
-def closed_port() -> int:
-    """A local port nobody listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- ways to break a study
@@ -155,7 +146,7 @@ class Case:
     moto: bool = False
 
 
-PORT = closed_port()
+PORT = free_port()
 NO_AWS = {"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
           "AWS_EC2_METADATA_DISABLED": "true"}
 FAKE_AWS = {**NO_AWS, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -238,7 +229,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mlflow import MlflowClient
 
     root = tmp_path_factory.mktemp("template")
-    write_study(root)
+    write_cli_study(root)
     study = params_from_dict(tiny_raw(root))
     run_imp(make_job("fashion-mnist", 0, study), study)
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")

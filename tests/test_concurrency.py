@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from cli_study import lth_env
+from helpers import free_port, lth_env, start_server, stop_server
 from lth.tracking.mlflow import PARENT_TAG
-from test_tracking_server import free_port, start, stop
 
 pytestmark = pytest.mark.e2e
 WRITERS, CHILDREN, STEPS = 8, 3, 50
@@ -77,7 +76,7 @@ def test_eight_writers_on_the_default_sqlite_store(tmp_path: Path) -> None:
 
 def test_eight_writers_on_a_local_mlflow_server(tmp_path: Path) -> None:
     port = free_port()
-    server = start([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+    server = start_server([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                     "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                     "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "2"],
                    tmp_path / "server.log", lth_env(), f"http://127.0.0.1:{port}/health", timeout=90)
@@ -86,6 +85,6 @@ def test_eight_writers_on_a_local_mlflow_server(tmp_path: Path) -> None:
         log_at_once(uri, tmp_path)
         runs, values = count(uri)
     finally:
-        stop(server)
+        stop_server(server)
     print(f"server: {runs} runs, {values} metric values")
     assert (runs, values) == (WRITERS * (CHILDREN + 1), WRITERS * CHILDREN * STEPS * len(METRICS))

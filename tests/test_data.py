@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import data_raw
 from lth.config import Params, params_from_dict
 from lth.data import bio_textures, digits, fashion_mnist, splits, store
 from lth.data.prepare import prepare_dataset
@@ -24,12 +25,7 @@ needs_fmnist = pytest.mark.skipif(
 
 def make_params(tmp_path: Path, datasets: dict, image_size: int = 16, seed: int = 0) -> Params:
     """A study whose data lives under tmp_path."""
-    raw = {
-        "paths": {"data": str(tmp_path / "data")},
-        "prepare": {"image_size": image_size, "seed": seed, "datasets": datasets},
-        "train": {"crop_size": min(image_size, 12)},
-    }
-    return params_from_dict(raw, "test")
+    return params_from_dict(data_raw(tmp_path, datasets, image_size, seed), "test")
 
 
 # ---------------------------------------------------------------- registry

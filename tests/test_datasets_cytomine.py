@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from fakes.cytomine_api import PRIVATE, PUBLIC, FakeCytomine
-from fakes.study import closed_port, last_line, lth, prepared, write_params
+from fakes.study import last_line, lth, prepared
+from helpers import free_port, write_params
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def test_cytomine_bad_inputs_end_in_one_line_and_no_manifest(
         monkeypatch.setenv("CYTOMINE_PRIVATE_KEY", "not-the-key")
     params = write_params(tmp_path, {"human-lba": {}})
     with fake.running() as host:
-        host = f"http://127.0.0.1:{closed_port()}" if case == "unreachable" else host
+        host = f"http://127.0.0.1:{free_port()}" if case == "unreachable" else host
         code, _, err = lth(monkeypatch, capsys, *pull_args(host, params, "nope" if case == "unknown-project" else "42"))
     assert code == 2 and expected in last_line(err), err
     raw = tmp_path / "data" / "raw" / "human-lba"

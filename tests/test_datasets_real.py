@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from fakes.archives import cifar_archive, fashion_mnist_files, md5, png
 from fakes.http_files import FileServer
-from fakes.study import closed_port, last_line, lth, prepared, write_params
+from fakes.study import last_line, lth, prepared
+from helpers import free_port, write_params
 
 from lth.data import fashion_mnist, store, wikiart
 from lth.data.prepare import to_square_rgb
@@ -122,7 +123,7 @@ def test_cifar_checksum_mismatch_is_one_line_and_leaves_nothing(tmp_path, monkey
 def test_cifar_unreachable_mirror_is_a_user_error(tmp_path, monkeypatch, capsys) -> None:
     import torchvision.datasets as tvd
 
-    monkeypatch.setattr(tvd.CIFAR10, "url", f"http://127.0.0.1:{closed_port()}/cifar-10-python.tar.gz")
+    monkeypatch.setattr(tvd.CIFAR10, "url", f"http://127.0.0.1:{free_port()}/cifar-10-python.tar.gz")
     code, _, err = lth(
         monkeypatch, capsys, "prepare", "cifar10", "--params", str(write_params(tmp_path, {"cifar10": {}}))
     )

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from cli_study import BIN, lth_env, run_lth, write_study
+from helpers import BIN, lth_env, run_lth, write_cli_study
 from lth.tracking.mlflow import PARENT_TAG
 
 pytestmark = pytest.mark.e2e
@@ -99,7 +99,7 @@ def test_imp_and_transfer_survive_sigkill(tmp_path: Path) -> None:
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     for root in (clean, killed):
         root.mkdir()
-        write_study(root, transfer={"rounds": [0, 2]})
+        write_cli_study(root, transfer={"rounds": [0, 2]})
 
     assert run_lth(IMP, clean).returncode == 0
     ckpt = killed / SEED_DIR / ".checkpoints"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_study import lth_env, run_lth, write_study
+from helpers import lth_env, run_lth, write_cli_study
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = {
@@ -20,7 +20,7 @@ SECRETS = {
 
 @pytest.mark.e2e
 def test_no_secret_in_any_output(tmp_path: Path) -> None:
-    write_study(tmp_path, tracking={"register": True}, transfer={"rounds": [0, 1]})
+    write_cli_study(tmp_path, tracking={"register": True}, transfer={"rounds": [0, 1]})
     env = lth_env(**SECRETS, AWS_ACCESS_KEY_ID="AKIAEXAMPLESECRET4", CYTOMINE_PUBLIC_KEY="cytomine-public-SECRET5",
                   MLFLOW_TRACKING_USERNAME="lth-user-SECRET6")
     outputs = []

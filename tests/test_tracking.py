@@ -6,17 +6,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from helpers import tiny_params, write_toy
 from lth.tracking import mlflow as tracking
 from lth.tracking.mlflow import trackers
 from lth.cli.tickets import tickets
-from lth.config import Params, TrackingConfig, params_from_dict
-from lth.data.store import write_prepared
+from lth.config import TrackingConfig
 from lth.errors import UserError
 from lth.study.imp import make_job, run_imp
 from lth.provenance import data_version, git_commit
@@ -25,37 +24,11 @@ from lth.tickets import load_ticket
 from lth.tracking.mlflow import get_tracker
 from lth.tracking.mlflow import MlflowTracker
 
-ROUNDS = 2
-
-
-def write_toy(data_root: Path, name: str = "toy", seed: int = 0) -> None:
-    """A tiny random 3-class prepared dataset (12 px)."""
-    rng = np.random.default_rng(seed)
-
-    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
-        return rng.integers(0, 255, (n, 3, 12, 12), dtype=np.uint8), np.arange(n) % 3
-
-    write_prepared(data_root, name, {"train": split(48), "val": split(24), "test": split(24)}, ["a", "b", "c"])
-
-
-def tiny_params(root: Path, *, rounds: int = ROUNDS, **tracking_cfg: Any) -> Params:
-    """A study small enough that IMP runs in seconds on a CPU; tracking into root/mlflow.db unless given."""
-    tracking_cfg.setdefault("uri", f"sqlite:///{root / 'mlflow.db'}")
-    raw = {
-        "paths": {"data": str(root / "data"), "models": str(root / "models")},
-        "prepare": {"image_size": 12, "datasets": {"toy": {}}},
-        "model": {"depth": 8, "width": 4},
-        "train": {"crop_size": 10, "max_epochs": 2, "batch_size": 16, "device": "cpu", "patience": 2},
-        "imp": {"sources": ["toy"], "rounds": rounds, "rewind_epoch": 1},
-        "transfer": {"targets": ["toy"], "sources": ["toy"]},
-        "tune": {"source": "toy", "target": "toy", "rewind_epochs": [0, 1], "max_epochs": 2},
-        "tracking": tracking_cfg,
-    }
-    return params_from_dict(raw, "test")
+ROUNDS = 2  # tiny_params' default
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def tracked_imp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One IMP job (rounds 0..2) on the toy source, tracked into a fresh sqlite store."""
     root = tmp_path_factory.mktemp("study")
     write_toy(root / "data")
@@ -80,8 +53,8 @@ def _parents_and_children(client: MlflowClient, experiment: str) -> tuple[list[A
 # ---------------------------------------------------------------- runs
 
 
-def test_imp_job_is_one_parent_run_with_a_nested_run_per_round(study: dict[str, Any]) -> None:
-    client = study["client"]
+def test_imp_job_is_one_parent_run_with_a_nested_run_per_round(tracked_imp: dict[str, Any]) -> None:
+    client = tracked_imp["client"]
     parents, children = _parents_and_children(client, "imp/toy")
     assert len(parents) == 1
     parent = parents[0]
@@ -90,15 +63,15 @@ def test_imp_job_is_one_parent_run_with_a_nested_run_per_round(study: dict[str, 
     for child in children:
         assert child.data.tags[tracking.PARENT_TAG] == parent.info.run_id
         assert child.info.status == "FINISHED"
-        assert child.data.tags["data_version"] == data_version(study["params"].paths.data, "toy") != ""
+        assert child.data.tags["data_version"] == data_version(tracked_imp["params"].paths.data, "toy") != ""
         assert child.data.tags.get("lth.git_commit", "") == git_commit()
-    assert parent.data.params["train.lr"] == str(study["params"].train.lr)
+    assert parent.data.params["train.lr"] == str(tracked_imp["params"].train.lr)
     assert parent.data.params["source"] == "toy" and parent.data.tags["mlflow.runName"] == "imp toy s0"
     assert parent.data.metrics["rounds_done"] == ROUNDS
 
 
-def test_every_epoch_is_logged_with_its_step(study: dict[str, Any]) -> None:
-    client = study["client"]
+def test_every_epoch_is_logged_with_its_step(tracked_imp: dict[str, Any]) -> None:
+    client = tracked_imp["client"]
     _, children = _parents_and_children(client, "imp/toy")
     for child in children:
         epochs = int(child.data.metrics["epochs"])
@@ -113,9 +86,9 @@ def test_every_epoch_is_logged_with_its_step(study: dict[str, Any]) -> None:
         assert abs(child.data.metrics["sparsity"] - (1 - 0.8 ** round_)) < 0.01  # round k keeps 0.8^k
 
 
-def test_artifacts_live_beside_the_store_not_in_the_cwd(study: dict[str, Any]) -> None:
-    exp = study["client"].get_experiment_by_name("imp/toy")
-    assert exp.artifact_location == (study["root"] / "mlruns" / "imp" / "toy").as_uri()
+def test_artifacts_live_beside_the_store_not_in_the_cwd(tracked_imp: dict[str, Any]) -> None:
+    exp = tracked_imp["client"].get_experiment_by_name("imp/toy")
+    assert exp.artifact_location == (tracked_imp["root"] / "mlruns" / "imp" / "toy").as_uri()
 
 
 def test_rerunning_a_job_reuses_its_parent_run(tmp_path: Path) -> None:
@@ -247,62 +220,62 @@ def test_unreachable_server_fails_before_any_work(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- registry
 
 
-def test_every_ticket_is_a_registered_version_with_tags_and_alias(study: dict[str, Any]) -> None:
-    client = MlflowClient(study["uri"], study["uri"])  # a fresh client, as a separate process would use
+def test_every_ticket_is_a_registered_version_with_tags_and_alias(tracked_imp: dict[str, Any]) -> None:
+    client = MlflowClient(tracked_imp["uri"], tracked_imp["uri"])  # a fresh client, as a separate process would use
     found = client.search_model_versions("tags.source = 'toy' and tags.round = '1'")
     assert len(found) == 1
     version = found[0]
-    meta = load_ticket(study["dirs"][1]).meta
+    meta = load_ticket(tracked_imp["dirs"][1]).meta
     assert version.name == "ticket-toy-resnet8w4" and version.run_id
     assert {k: version.tags[k] for k in ("source", "arch", "seed", "round", "sparsity", "rewind_epoch")} == {
         "source": "toy", "arch": "resnet8w4", "seed": "0", "round": "1", "sparsity": f"{meta.sparsity:.4f}",
         "rewind_epoch": "1"}
     for k in range(ROUNDS + 1):
         assert client.get_model_version_by_alias("ticket-toy-resnet8w4", f"r{k:02d}-s0").tags["round"] == str(k)
-    assert not list((study["root"] / "mlruns").rglob("*.pkl"))  # safetensors + JSON only
+    assert not list((tracked_imp["root"] / "mlruns").rglob("*.pkl"))  # safetensors + JSON only
 
 
 def test_fetch_picks_the_nearest_round_and_its_mask_matches_the_sparsity_tag(
-        study: dict[str, Any], tmp_path: Path) -> None:
-    out, row = fetch_ticket(study["params"], "toy", 0.21, out_dir=tmp_path / "t")
+        tracked_imp: dict[str, Any], tmp_path: Path) -> None:
+    out, row = fetch_ticket(tracked_imp["params"], "toy", 0.21, out_dir=tmp_path / "t")
     assert (row["round"], row["seed"], row["alias"]) == (1, 0, "r01-s0")
     ticket = load_ticket(out)
     zeros = sum(int((~m).sum()) for m in ticket.mask.values()) / sum(m.numel() for m in ticket.mask.values())
-    tag = study["client"].get_model_version(row["model"], str(row["version"])).tags["sparsity"]
+    tag = tracked_imp["client"].get_model_version(row["model"], str(row["version"])).tags["sparsity"]
     assert f"{zeros:.4f}" == tag
     assert ticket.meta.round == 1 and (out / "weights.safetensors").read_bytes() == (
-        study["dirs"][1] / "weights.safetensors").read_bytes()
-    out2, row2 = fetch_ticket(study["params"], "toy", 0.37, seed=0, out_dir=out)  # replaces a ticket dir
+        tracked_imp["dirs"][1] / "weights.safetensors").read_bytes()
+    out2, row2 = fetch_ticket(tracked_imp["params"], "toy", 0.37, seed=0, out_dir=out)  # replaces a ticket dir
     assert row2["round"] == 2 and load_ticket(out2).meta.round == 2
 
 
 def test_fetch_without_a_near_ticket_or_for_an_unknown_source_lists_what_exists(
-        study: dict[str, Any], tmp_path: Path) -> None:
+        tracked_imp: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "t"
     with pytest.raises(UserError, match=r"available sparsities: 0\.0000, 0\.2\d{3}, 0\.3\d{3}$"):
-        fetch_ticket(study["params"], "toy", 0.9, out_dir=out)
+        fetch_ticket(tracked_imp["params"], "toy", 0.9, out_dir=out)
     with pytest.raises(UserError, match=r"no tickets registered for source 'cifar' .*known sources: toy$"):
-        fetch_ticket(study["params"], "cifar", 0.2, out_dir=out)
+        fetch_ticket(tracked_imp["params"], "cifar", 0.2, out_dir=out)
     with pytest.raises(UserError, match=r"available seeds: 0$"):
-        fetch_ticket(study["params"], "toy", 0.2, seed=3, out_dir=out)
+        fetch_ticket(tracked_imp["params"], "toy", 0.2, seed=3, out_dir=out)
     with pytest.raises(UserError, match=r"available archs: resnet8w4$"):
-        fetch_ticket(study["params"], "toy", 0.2, arch="resnet50", out_dir=out)
+        fetch_ticket(tracked_imp["params"], "toy", 0.2, arch="resnet50", out_dir=out)
     assert not out.exists() and not list(tmp_path.iterdir())  # nothing half-written
     keep = tmp_path / "mine"
     (keep / "notes.txt").parent.mkdir()
     (keep / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not a ticket directory"):
-        fetch_ticket(study["params"], "toy", 0.2, out_dir=keep)
+        fetch_ticket(tracked_imp["params"], "toy", 0.2, out_dir=keep)
     assert (keep / "notes.txt").read_text() == "mine"
 
 
-def test_tickets_cli_lists_and_fetches(study: dict[str, Any], tmp_path: Path) -> None:
+def test_tickets_cli_lists_and_fetches(tracked_imp: dict[str, Any], tmp_path: Path) -> None:
     import yaml
 
     from lth.config import to_dict
 
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(to_dict(study["params"])))
+    params_file.write_text(yaml.safe_dump(to_dict(tracked_imp["params"])))
     runner = CliRunner()
     listed = runner.invoke(tickets, ["list", "--source", "toy", "--params", str(params_file)])
     assert listed.exit_code == 0, listed.output
@@ -319,7 +292,7 @@ def test_tickets_cli_lists_and_fetches(study: dict[str, Any], tmp_path: Path) ->
 
 
 def test_a_bad_ticket_request_is_one_line_on_stderr_and_exit_2(
-        study: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+        tracked_imp: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     import sys
 
     import yaml
@@ -328,7 +301,7 @@ def test_a_bad_ticket_request_is_one_line_on_stderr_and_exit_2(
     from lth.config import to_dict
 
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(to_dict(study["params"])))
+    params_file.write_text(yaml.safe_dump(to_dict(tracked_imp["params"])))
     argv = ["lth", "tickets", "fetch", "--source", "nope", "--sparsity", "0.2", "-o", str(tmp_path / "x"),
             "--params", str(params_file)]
     monkeypatch.setattr(sys, "argv", argv)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,54 +11,18 @@ from typing import Any, Iterator
 import pytest
 import requests
 
+from helpers import free_port, start_server, stop_server, tiny_params, write_toy
 from lth.errors import UserError
 from lth.study.imp import make_job, run_imp
 from lth.tracking.mlflow.query import fetch_ticket, list_tickets
 from lth.tickets import load_ticket
 from lth.tracking.mlflow import get_tracker
 from lth.tracking.mlflow import PARENT_TAG
-from test_tracking import tiny_params, write_toy
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 BUCKET = "lth-test"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    """A port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(cmd: list[str], log: Path, env: dict[str, str], health: str, timeout: float = 45.0) -> subprocess.Popen:
-    """Start a server in its own process group and wait until `health` answers 200."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[0]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(health, timeout=1).status_code == 200:
-                return proc
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    stop(proc)
-    raise RuntimeError(f"{cmd[0]} not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop the server we started (and its workers: the process group it leads)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +33,13 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    proc = start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log, os.environ | S3_ENV,
+    proc = start_server([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], log, os.environ | S3_ENV,
                  f"{endpoint}/moto-api/")
     try:
         boto3.client("s3", endpoint_url=endpoint, **_creds()).create_bucket(Bucket=BUCKET)
         yield endpoint
     finally:
-        stop(proc)
+        stop_server(proc)
 
 
 def _creds() -> dict[str, str]:
@@ -95,11 +56,11 @@ def server(s3: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
            "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
            "--artifacts-destination", f"s3://{BUCKET}/server"]
     env = os.environ | S3_ENV | {"MLFLOW_S3_ENDPOINT_URL": s3}
-    proc = start(cmd, root / "server.log", env, f"{url}/health", timeout=60)
+    proc = start_server(cmd, root / "server.log", env, f"{url}/health", timeout=60)
     try:
         yield url
     finally:
-        stop(proc)
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")

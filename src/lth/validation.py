@@ -81,28 +81,26 @@ def convert(tp: Any, value: Any, key: str) -> Any:
         if len(value) != len(args):
             raise FieldProblem(key, f"must be a list of {len(args)} values, got {value!r}")
         return tuple(convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise FieldProblem(key, f"must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise FieldProblem(key, f"must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML reads 1e-4 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise FieldProblem(key, f"must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise FieldProblem(key, f"must be a string, got {value!r}")
-        return value
+    if tp is float and isinstance(value, str):  # YAML reads 1e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in _SCALARS:
+        accepts, what = _SCALARS[tp]
+        if not accepts(value):
+            raise FieldProblem(key, f"must be {what}, got {value!r}")
+        return tp(value)
     raise TypeError(f"unsupported annotation {tp!r} at {key}")
+
+
+# Scalar annotations: which YAML values each accepts (bool is an int in Python, never a number here), and its name.
+_SCALARS: dict[type, tuple[Any, str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
 
 
 def build(cls: type, raw: Any, prefix: str) -> Any:

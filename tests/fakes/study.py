@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from lth.cli import main
 from lth.data import store
-
-
-def write_params(tmp_path: Path, datasets: dict[str, Any], image_size: int = 16) -> Path:
-    """A params.yaml whose data lives under tmp_path/data; returns its path."""
-    path = tmp_path / "params.yaml"
-    raw = {
-        "paths": {"data": str(tmp_path / "data")},
-        "prepare": {"image_size": image_size, "datasets": datasets},
-        "train": {"crop_size": 12},
-    }
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def lth(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -42,13 +27,6 @@ def last_line(err: str) -> str:
     """The one error line (download progress bars may come before it), checked to be the only error."""
     assert err.count("lth: error:") == 1, err
     return err.strip().splitlines()[-1]
-
-
-def closed_port() -> int:
-    """A 127.0.0.1 port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def prepared(tmp_path: Path, name: str) -> store.PreparedDataset:

@@ -1,0 +1,159 @@
+"""What many tests share: tiny studies (params, prepared data), the real `lth` executable, ports and servers.
+
+Test files import from here (never from each other); conftest.py holds the fixtures.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+import yaml
+
+from lth.config import Params, params_from_dict
+from lth.data.store import write_prepared
+
+BIN = Path(sys.executable).parent
+
+
+# ---------------------------------------------------------------- tiny studies
+
+
+def tiny_raw(tmp: Path, **overrides) -> dict:
+    """A tiny study: width-4 ResNet-8 on 12-px images, 2 epochs, 2 rounds."""
+    raw = {
+        "paths": {k: str(tmp / k) for k in ("data", "models", "results", "reports")},
+        "prepare": {"image_size": 12, "seed": 0, "datasets": {"fashion-mnist": {}, "digits": {}}},
+        "model": {"arch": "resnet", "depth": 8, "width": 4},
+        "train": {"batch_size": 16, "lr": 0.05, "max_epochs": 3, "patience": 2, "crop_size": 10,
+                  "eval_batch_size": 64, "device": "cpu"},
+        "imp": {"sources": ["fashion-mnist"], "seeds": [0], "rounds": 2, "pruning_rate": 0.2,
+                "rewind_epoch": 1, "keep_epochs": 2},
+        "transfer": {"targets": ["digits"], "sources": ["fashion-mnist"], "seeds": [0],
+                     "related": [], "size_fractions": [0.5]},
+        "tune": {"rewind_epochs": [0, 2]},
+        "tracking": {"register": False},
+    }
+    for section, values in overrides.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return raw
+
+
+def tiny_params(root: Path, *, rounds: int = 2, **tracking_cfg: Any) -> Params:
+    """One 3-class 'toy' dataset as source and target, IMP in seconds; tracking into root/mlflow.db unless given."""
+    tracking_cfg.setdefault("uri", f"sqlite:///{root / 'mlflow.db'}")
+    tracking_cfg.setdefault("register", True)
+    raw = tiny_raw(root, prepare={"datasets": {"toy": {}}}, train={"max_epochs": 2},
+                   imp={"sources": ["toy"], "rounds": rounds, "rewind_epoch": 1, "keep_epochs": 1},
+                   transfer={"targets": ["toy"], "sources": ["toy"]},
+                   tune={"source": "toy", "target": "toy", "rewind_epochs": [0, 1], "max_epochs": 2},
+                   tracking=tracking_cfg)
+    return params_from_dict(raw, "test")
+
+
+def data_raw(root: Path, datasets: dict[str, Any], image_size: int = 16, seed: int = 0) -> dict[str, Any]:
+    """Params (as YAML data) of a study that only prepares `datasets` under root/data."""
+    return {"paths": {"data": str(root / "data")},
+            "prepare": {"image_size": image_size, "seed": seed, "datasets": datasets},
+            "train": {"crop_size": min(image_size, 12)}}
+
+
+def write_params(root: Path, datasets: dict[str, Any], image_size: int = 16) -> Path:
+    """root/params.yaml of data_raw (data under root/data); returns its path."""
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(data_raw(root, datasets, image_size)))
+    return path
+
+
+def make_dataset(data_root: Path, name: str, num_classes: int, sizes=(96, 32, 32), size: int = 12,
+                 seed: int = 0) -> None:
+    """A learnable random dataset: each class has its own mean brightness pattern."""
+    rng = np.random.default_rng(seed)
+    protos = rng.integers(0, 200, (num_classes, 3, size, size))
+    splits = {}
+    for split, n in zip(("train", "val", "test"), sizes):
+        y = np.arange(n) % num_classes
+        x = np.clip(protos[y] + rng.integers(0, 56, (n, 3, size, size)), 0, 255).astype(np.uint8)
+        splits[split] = (x, y.astype(np.int64))
+    write_prepared(data_root, name, splits, [f"c{i}" for i in range(num_classes)], {"origin": "test"})
+
+
+def write_toy(data_root: Path, name: str = "toy", seed: int = 0) -> None:
+    """The 'toy' dataset of tiny_params: 3 classes, 48/24/24 images of 12 px."""
+    make_dataset(data_root, name, 3, sizes=(48, 24, 24), seed=seed)
+
+
+# ---------------------------------------------------------------- the real `lth` executable
+
+
+def write_cli_study(root: Path, **overrides) -> Path:
+    """tiny.yaml (tracking to root/mlflow.db) and the two tiny prepared datasets under root; returns the params path."""
+    raw = tiny_raw(root, **{"tracking": {"register": False, "uri": f"sqlite:///{root / 'mlflow.db'}"}, **overrides})
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    if not (root / "data" / "prepared" / "fashion-mnist").is_dir():
+        make_dataset(root / "data", "fashion-mnist", 4, seed=1)
+        make_dataset(root / "data", "digits", 3, seed=2)
+    return path
+
+
+def lth_env(**extra: str) -> dict[str, str]:
+    """The environment of a user with the venv on PATH and no tracking server configured."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", TQDM_DISABLE="1", PYTHONHASHSEED="0",
+               GIT_PYTHON_REFRESH="quiet", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def run_lth(args: list[str], cwd: Path, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """`lth ARGS` in `cwd`, output captured."""
+    return subprocess.run([str(BIN / "lth"), *args], cwd=cwd, env=env or lth_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------- ports and servers
+
+
+def free_port() -> int:
+    """A 127.0.0.1 port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cmd: list[str], log: Path, env: dict[str, str], health: str, timeout: float = 45.0) -> subprocess.Popen:
+    """Start a server in its own process group and wait until `health` answers 200."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(health, timeout=1).status_code == 200:
+                return proc
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    stop_server(proc)
+    raise RuntimeError(f"{cmd[0]} not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop the server we started (and its workers: the process group it leads)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
