@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from lth.cli import cli
-from lth.config import Params, params_from_dict, to_dict
+from lth.config import Params, ReportConfig, params_from_dict, to_dict
 from lth.errors import UserError
 from lth.report.build import build_report
 from lth.report.tables import (
@@ -126,7 +126,7 @@ EXPECTED_BEST = {  # (target, series): (best round, fraction pruned, best mean, 
 
 
 def test_table2_finds_best_pruned_round_scratch_baseline_and_winner(loaded: pd.DataFrame) -> None:
-    table = best_models(aggregate(loaded), loaded, alpha=0.05)
+    table = best_models(aggregate(loaded), ReportConfig())
     got = {(r.target, r.series): (r.best_round, r.fraction_pruned, r.best_mean, r.winner) for r in table.itertuples()}
     assert set(got) == set(EXPECTED_BEST)
     for key, (rnd, frac, mean, winner) in EXPECTED_BEST.items():
@@ -147,7 +147,7 @@ def _welch_p_equal_variances_4_df(t: float) -> float:
 
 
 def test_welch_p_value_matches_the_formula_and_marks_significance(loaded: pd.DataFrame) -> None:
-    table = best_models(aggregate(loaded), loaded, alpha=0.05)
+    table = best_models(aggregate(loaded), ReportConfig())
     r = row(table, target="alpha", series="transfer_nat")
     # [.88 .90 .92] vs [.80 .82 .84]: equal variances 0.0004, n = 3 each -> Welch df = 4,
     # t = 0.08 / sqrt(2 * 0.0004 / 3)
@@ -155,18 +155,19 @@ def test_welch_p_value_matches_the_formula_and_marks_significance(loaded: pd.Dat
     assert r.p_value == pytest.approx(_welch_p_equal_variances_4_df(t), rel=1e-6)
     assert r.p_value == pytest.approx(0.00805, abs=5e-5) and [r.significant, r.note] == [True, ""]
     assert [row(table, target="alpha", series="trained_nat").significant] == [False]  # .81 vs .82: no evidence
-    strict = best_models(aggregate(loaded), loaded, alpha=0.001)
+    strict = best_models(aggregate(loaded), ReportConfig(alpha=0.001))
     assert [row(strict, target="alpha", series="transfer_nat").significant] == [False]
 
 
-def test_welch_needs_two_seeds_a_side_and_says_so() -> None:
-    df = study_rows({("t", "scratch", "", 1.0): {0: [0.5]}, ("t", "target", "t", 1.0): {1: [0.6]}})
-    r = best_models(aggregate(df), df, alpha=0.05).iloc[0]
+def test_welch_needs_min_seeds_a_side_and_says_so() -> None:
+    df = study_rows({("t", "scratch", "", 1.0): {0: [0.5, 0.52]}, ("t", "target", "t", 1.0): {1: [0.6, 0.7]}})
+    r = best_models(aggregate(df), ReportConfig(min_seeds=3)).iloc[0]
     assert math.isnan(r.p_value) and pd.isna(r.significant) and r.note == FEW_SEEDS and r.winner == "pruned"
+    assert not math.isnan(best_models(aggregate(df), ReportConfig(min_seeds=2)).iloc[0].p_value)
 
 
 def test_table3_gives_the_fraction_pruned_of_each_best_model(loaded: pd.DataFrame) -> None:
-    table3 = fraction_table(best_models(aggregate(loaded), loaded, alpha=0.05))
+    table3 = fraction_table(best_models(aggregate(loaded), ReportConfig()))
     for (target, series), (rnd, frac, _, _) in EXPECTED_BEST.items():
         r = row(table3, target=target, series=series)
         assert (r.best_round, r.fraction_pruned, r.fraction_remaining) == pytest.approx((rnd, frac, 1 - frac))

@@ -207,12 +207,15 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """`lth report`: significance level of the Welch test."""
+    """`lth report`: Welch tests against scratch and the target's tickets, corrected per target and table."""
 
-    alpha: float = 0.05
+    alpha: float = 0.05  # significance level of the corrected tests (family-wise for holm/bonferroni)
+    correction: Literal["holm", "bonferroni", "fdr_bh"] = "holm"  # multiple-comparison correction per family
+    min_seeds: int = 3  # fewest seeds on each side of a test; fewer: "too few seeds to test", no p-value
 
     def __post_init__(self) -> None:
         check(0 < self.alpha < 1, "alpha", "must be in (0, 1)")
+        check(self.min_seeds >= 2, "min_seeds", "must be >= 2 (Welch's test needs a variance on each side)")
 
 
 @dataclass(frozen=True)
