@@ -124,11 +124,13 @@ def welch(mean_a, std_a, n_a, mean_b, std_b, n_b, min_seeds: int) -> tuple[np.nd
 
 def correct(p_values: pd.Series, family: pd.Series, method: str) -> pd.Series:
     """Adjusted p-values, one family per value of `family`; a missing p-value (no test) is not in any family."""
-    adjusted = pd.Series(np.nan, index=p_values.index, dtype=float)
-    tested = p_values.notna()
-    for _, index in p_values[tested].groupby(family[tested]).groups.items():
-        adjusted[index] = multipletests(p_values[index].to_numpy(float), method=method)[1]
-    return adjusted
+    p = p_values.to_numpy(float)
+    adjusted = np.full(p.shape, np.nan)
+    tested = np.flatnonzero(~np.isnan(p))
+    for positions in pd.Series(tested).groupby(family.to_numpy()[tested], sort=False).groups.values():
+        where = tested[np.asarray(positions)]
+        adjusted[where] = multipletests(p[where], method=method)[1]
+    return pd.Series(adjusted, index=p_values.index)
 
 
 def _decide(table: pd.DataFrame, family: pd.Series, cfg: ReportConfig) -> pd.DataFrame:
