@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from pathlib import Path
@@ -17,7 +18,7 @@ from lth.config import Params, ReportConfig, params_from_dict, to_dict
 from lth.errors import UserError
 from lth.report.build import build_report
 from lth.report.tables import (
-    COLUMNS, FEW_SEEDS, aggregate, best_models, fraction_table, load_results, missing_results,
+    COLUMNS, FEW_SEEDS, aggregate, best_models, fraction_table, load_results, missing_results, transfer_vs_target,
 )
 
 FRACTION = {0: 0.0, 1: 0.2, 2: 0.36, 3: 0.488}  # 1 - 0.8^round
@@ -166,6 +167,41 @@ def test_welch_needs_min_seeds_a_side_and_says_so() -> None:
     assert not math.isnan(best_models(aggregate(df), ReportConfig(min_seeds=2)).iloc[0].p_value)
 
 
+def test_table2_p_values_are_holm_corrected_per_target(loaded: pd.DataFrame) -> None:
+    table = best_models(aggregate(loaded), ReportConfig())
+    alpha_rows = table[table["target"] == "alpha"].sort_values("p_value")
+    # Holm by hand: the k-th smallest of m p-values times (m - k + 1), made monotone
+    m, running, expected = len(alpha_rows), 0.0, []
+    for k, p in enumerate(alpha_rows["p_value"]):
+        running = max(running, min(1.0, p * (m - k)))
+        expected.append(running)
+    assert alpha_rows["p_adjusted"].tolist() == pytest.approx(expected)
+    assert row(table, target="alpha", series="transfer_nat").p_adjusted == pytest.approx(6 * 0.00805, abs=5e-4)
+    # related: raw p 0.032 < 0.05, but not after the correction
+    related = row(table, target="alpha", series="related_rel")
+    assert related.p_value < 0.05 and [related.significant] == [False]
+    bonferroni = best_models(aggregate(loaded), ReportConfig(correction="bonferroni"))
+    assert row(bonferroni, target="alpha", series="reinit").p_adjusted == pytest.approx(
+        min(1.0, 6 * row(table, target="alpha", series="reinit").p_value))
+
+
+def test_transfer_vs_target_compares_the_same_round_and_marks_better_and_worse(loaded: pd.DataFrame) -> None:
+    versus = transfer_vs_target(aggregate(loaded), ReportConfig())
+    assert versus[["target", "source", "round"]].values.tolist() == [
+        ["alpha", "nat", 1], ["alpha", "nat", 2], ["alpha", "nat", 3],
+        ["beta", "nat", 1], ["beta", "nat", 2], ["beta", "nat", 3]]
+    r1 = row(versus, target="alpha", round=1)  # [.85 .86 .87] vs [.80 .81 .82]: t = 0.05 / sqrt(2 * 0.0001 / 3)
+    assert r1.p_value == pytest.approx(_welch_p_equal_variances_4_df(0.05 / math.sqrt(2 * 0.0001 / 3)), rel=1e-6)
+    assert r1.difference == pytest.approx(0.05) and r1.fraction_pruned == pytest.approx(0.2)
+    assert versus[versus["target"] == "alpha"]["verdict"].tolist() == ["better", "better", ""]
+    assert row(versus, target="alpha", round=1).p_adjusted == pytest.approx(3 * r1.p_value)
+    beta = versus[versus["target"] == "beta"]  # two seeds: no test, no verdict
+    assert beta["p_value"].isna().all() and (beta["note"] == FEW_SEEDS).all() and (beta["verdict"] == "").all()
+    worse = loaded.copy()
+    worse.loc[(worse["arm"] == "transfer") & (worse["round"] == 3), "test_acc"] -= 0.2
+    assert row(transfer_vs_target(aggregate(worse), ReportConfig()), target="alpha", round=3).verdict == "worse"
+
+
 def test_table3_gives_the_fraction_pruned_of_each_best_model(loaded: pd.DataFrame) -> None:
     table3 = fraction_table(best_models(aggregate(loaded), ReportConfig()))
     for (target, series), (rnd, frac, _, _) in EXPECTED_BEST.items():
@@ -227,12 +263,16 @@ def test_build_report_writes_pages_tables_figures_and_dvc_metrics(tmp_path: Path
         with Image.open(reports / "figures" / name) as img:
             img.verify()
         assert (reports / "figures" / name).stat().st_size > 10_000
-    page, md = index.read_text(), (reports / "report.md").read_text()
+    page, md = html.unescape(index.read_text()), (reports / "report.md").read_text()
     for text in (page, md):
         assert "Table 2" in text and "Table 3" in text and "Missing / partial results" in text
         assert all(f"figures/{name}" in text for name in figures)
         assert "★ 90.00 ± 2.00 % (n=3)" in text and "82.00 ± 2.00 % (n=3)" in text and "0.00805" in text
         assert "rewind_epoch" in text and "size_fractions" in text  # the study's parameters
+        assert "Welch's two-sided t-test" in text and "Holm's step-down correction" in text
+        assert "alpha = 0.05" in text and "Seeds: 2 configured (0, 1)" in text and "fewer than 3 seeds" in text
+        assert "highest mean validation accuracy" in text and "too few seeds to test" in text
+        assert "Transferred tickets vs the target's own tickets" in text and "1 (20.0%), 2 (36.0%)" in text
     assert "reinitialised" in page and "no results" in page  # beta's absent arms, listed
     assert len(pd.read_csv(reports / "table2.csv")) == len(EXPECTED_BEST) == len(pd.read_csv(reports / "table3.csv"))
     summary = json.loads((results / "summary.json").read_text())
@@ -240,6 +280,10 @@ def test_build_report_writes_pages_tables_figures_and_dvc_metrics(tmp_path: Path
     assert summary["alpha"]["best_transfer_nat_test_acc"] == pytest.approx(0.90)
     assert summary["alpha"]["best_size_0.5_fraction_pruned"] == pytest.approx(0.36)
     assert summary["beta"]["best_target_test_acc"] == pytest.approx(0.64)
+    assert summary["alpha"]["best_transfer_nat_round"] == 2 and "best_target_p_value" not in summary["beta"]
+    assert summary["alpha"]["best_transfer_nat_p_adjusted"] == pytest.approx(6 * 0.00805, abs=5e-4)
+    versus = pd.read_csv(reports / "transfer_vs_target.csv", keep_default_na=False)
+    assert row(versus, target="alpha", round=2).verdict == "better" and len(versus) == 6
     plots = pd.read_csv(results / "plots" / "alpha.csv")
     assert {"arm_source", "fraction_pruned", "test_acc_mean"} <= set(plots.columns)
     assert row(plots, arm_source="transfer_nat", round=2).test_acc_mean == pytest.approx(0.90)
