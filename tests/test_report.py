@@ -290,6 +290,23 @@ def test_build_report_writes_pages_tables_figures_and_dvc_metrics(tmp_path: Path
     assert not list(reports.rglob("*.tmp")) and not list(results.rglob("*.tmp"))
 
 
+def test_figure3_stars_the_chosen_rounds_and_marks_significant_rounds(loaded: pd.DataFrame) -> None:
+    from matplotlib.figure import Figure
+
+    from lth.report.figures import _curve, _mark, figure_lines
+    from lth.report.tables import analyse
+
+    tables = analyse(loaded, ReportConfig())
+    agg_t = tables.agg[tables.agg["target"] == "alpha"]
+    _, lines = figure_lines(agg_t, "alpha", {"nat": "tab:green", "rel": "tab:red"})["fig3"]
+    ax = Figure().subplots()
+    _mark(ax, [(line, _curve(agg_t, line)) for line in lines], tables.table2[tables.table2["target"] == "alpha"],
+          tables.versus[tables.versus["target"] == "alpha"])
+    marks = {(ln.get_marker(), round(1 - float(x), 3)) for ln in ax.lines for x in ln.get_xdata()}
+    # stars: transfer round 2 (36 %), target round 3 (48.8 %), reinit round 1 (20 %); triangles: rounds 1 and 2
+    assert marks == {("*", 0.36), ("*", 0.488), ("*", 0.2), ("^", 0.2), ("^", 0.36)}
+
+
 def test_report_command_prints_where_and_table2(tmp_path: Path) -> None:
     params = write_study(tmp_path)
     params_file = tmp_path / "params.yaml"
