@@ -165,6 +165,9 @@ def test_welch_needs_min_seeds_a_side_and_says_so() -> None:
     r = best_models(aggregate(df), ReportConfig(min_seeds=3)).iloc[0]
     assert math.isnan(r.p_value) and pd.isna(r.significant) and r.note == FEW_SEEDS and r.winner == "pruned"
     assert not math.isnan(best_models(aggregate(df), ReportConfig(min_seeds=2)).iloc[0].p_value)
+    alone = study_rows({("t", "target", "t", 1.0): {1: [0.6, 0.7, 0.8]}})  # no scratch run at all
+    r = best_models(aggregate(alone), ReportConfig()).iloc[0]
+    assert math.isnan(r.p_value) and r.note == "no scratch baseline" and r.winner == ""
 
 
 def test_table2_p_values_are_holm_corrected_per_target(loaded: pd.DataFrame) -> None:
