@@ -207,6 +207,7 @@ def test_prepare_writes_a_reproducible_store(tmp_path: Path, name: str) -> None:
 def test_prepare_unlisted_dataset_uses_defaults(tmp_path: Path) -> None:
     params = make_params(tmp_path, {"fashion-mnist": {"train": 10}})
     meta = json.loads((prepare_dataset("bio-textures", params) / "meta.json").read_text())
-    assert meta["requested"] == {"train": None, "val": None, "test": None, "path": None}
-    assert meta["counts"]["train"]["total"] == meta["available"]["train"]
+    assert meta["requested"] == {"train": None, "val": None, "test": None, "path": None, "allow_fewer": False}
+    assert meta["counts"]["train"]["total"] == meta["available"]["train"] == meta["sizes"]["train"]
+    assert meta["geometry"] == "stretch" and meta["fewer_than_requested"] == {}
     assert set(meta["regions"]) == set(meta["class_names"])

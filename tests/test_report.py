@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from pathlib import Path
@@ -13,11 +14,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from lth.cli import cli
-from lth.config import Params, params_from_dict, to_dict
+from lth.config import Params, ReportConfig, params_from_dict, to_dict
 from lth.errors import UserError
 from lth.report.build import build_report
 from lth.report.tables import (
-    COLUMNS, FEW_SEEDS, aggregate, best_models, fraction_table, load_results, missing_results,
+    COLUMNS, FEW_SEEDS, aggregate, best_models, fraction_table, load_results, missing_results, transfer_vs_target,
 )
 
 FRACTION = {0: 0.0, 1: 0.2, 2: 0.36, 3: 0.488}  # 1 - 0.8^round
@@ -126,7 +127,7 @@ EXPECTED_BEST = {  # (target, series): (best round, fraction pruned, best mean, 
 
 
 def test_table2_finds_best_pruned_round_scratch_baseline_and_winner(loaded: pd.DataFrame) -> None:
-    table = best_models(aggregate(loaded), loaded, alpha=0.05)
+    table = best_models(aggregate(loaded), ReportConfig())
     got = {(r.target, r.series): (r.best_round, r.fraction_pruned, r.best_mean, r.winner) for r in table.itertuples()}
     assert set(got) == set(EXPECTED_BEST)
     for key, (rnd, frac, mean, winner) in EXPECTED_BEST.items():
@@ -147,7 +148,7 @@ def _welch_p_equal_variances_4_df(t: float) -> float:
 
 
 def test_welch_p_value_matches_the_formula_and_marks_significance(loaded: pd.DataFrame) -> None:
-    table = best_models(aggregate(loaded), loaded, alpha=0.05)
+    table = best_models(aggregate(loaded), ReportConfig())
     r = row(table, target="alpha", series="transfer_nat")
     # [.88 .90 .92] vs [.80 .82 .84]: equal variances 0.0004, n = 3 each -> Welch df = 4,
     # t = 0.08 / sqrt(2 * 0.0004 / 3)
@@ -155,18 +156,57 @@ def test_welch_p_value_matches_the_formula_and_marks_significance(loaded: pd.Dat
     assert r.p_value == pytest.approx(_welch_p_equal_variances_4_df(t), rel=1e-6)
     assert r.p_value == pytest.approx(0.00805, abs=5e-5) and [r.significant, r.note] == [True, ""]
     assert [row(table, target="alpha", series="trained_nat").significant] == [False]  # .81 vs .82: no evidence
-    strict = best_models(aggregate(loaded), loaded, alpha=0.001)
+    strict = best_models(aggregate(loaded), ReportConfig(alpha=0.001))
     assert [row(strict, target="alpha", series="transfer_nat").significant] == [False]
 
 
-def test_welch_needs_two_seeds_a_side_and_says_so() -> None:
-    df = study_rows({("t", "scratch", "", 1.0): {0: [0.5]}, ("t", "target", "t", 1.0): {1: [0.6]}})
-    r = best_models(aggregate(df), df, alpha=0.05).iloc[0]
+def test_welch_needs_min_seeds_a_side_and_says_so() -> None:
+    df = study_rows({("t", "scratch", "", 1.0): {0: [0.5, 0.52]}, ("t", "target", "t", 1.0): {1: [0.6, 0.7]}})
+    r = best_models(aggregate(df), ReportConfig(min_seeds=3)).iloc[0]
     assert math.isnan(r.p_value) and pd.isna(r.significant) and r.note == FEW_SEEDS and r.winner == "pruned"
+    assert not math.isnan(best_models(aggregate(df), ReportConfig(min_seeds=2)).iloc[0].p_value)
+    alone = study_rows({("t", "target", "t", 1.0): {1: [0.6, 0.7, 0.8]}})  # no scratch run at all
+    r = best_models(aggregate(alone), ReportConfig()).iloc[0]
+    assert math.isnan(r.p_value) and r.note == "no scratch baseline" and r.winner == ""
+
+
+def test_table2_p_values_are_holm_corrected_per_target(loaded: pd.DataFrame) -> None:
+    table = best_models(aggregate(loaded), ReportConfig())
+    alpha_rows = table[table["target"] == "alpha"].sort_values("p_value")
+    # Holm by hand: the k-th smallest of m p-values times (m - k + 1), made monotone
+    m, running, expected = len(alpha_rows), 0.0, []
+    for k, p in enumerate(alpha_rows["p_value"]):
+        running = max(running, min(1.0, p * (m - k)))
+        expected.append(running)
+    assert alpha_rows["p_adjusted"].tolist() == pytest.approx(expected)
+    assert row(table, target="alpha", series="transfer_nat").p_adjusted == pytest.approx(6 * 0.00805, abs=5e-4)
+    # related: raw p 0.032 < 0.05, but not after the correction
+    related = row(table, target="alpha", series="related_rel")
+    assert related.p_value < 0.05 and [related.significant] == [False]
+    bonferroni = best_models(aggregate(loaded), ReportConfig(correction="bonferroni"))
+    assert row(bonferroni, target="alpha", series="reinit").p_adjusted == pytest.approx(
+        min(1.0, 6 * row(table, target="alpha", series="reinit").p_value))
+
+
+def test_transfer_vs_target_compares_the_same_round_and_marks_better_and_worse(loaded: pd.DataFrame) -> None:
+    versus = transfer_vs_target(aggregate(loaded), ReportConfig())
+    assert versus[["target", "source", "round"]].values.tolist() == [
+        ["alpha", "nat", 1], ["alpha", "nat", 2], ["alpha", "nat", 3],
+        ["beta", "nat", 1], ["beta", "nat", 2], ["beta", "nat", 3]]
+    r1 = row(versus, target="alpha", round=1)  # [.85 .86 .87] vs [.80 .81 .82]: t = 0.05 / sqrt(2 * 0.0001 / 3)
+    assert r1.p_value == pytest.approx(_welch_p_equal_variances_4_df(0.05 / math.sqrt(2 * 0.0001 / 3)), rel=1e-6)
+    assert r1.difference == pytest.approx(0.05) and r1.fraction_pruned == pytest.approx(0.2)
+    assert versus[versus["target"] == "alpha"]["verdict"].tolist() == ["better", "better", ""]
+    assert row(versus, target="alpha", round=1).p_adjusted == pytest.approx(3 * r1.p_value)
+    beta = versus[versus["target"] == "beta"]  # two seeds: no test, no verdict
+    assert beta["p_value"].isna().all() and (beta["note"] == FEW_SEEDS).all() and (beta["verdict"] == "").all()
+    worse = loaded.copy()
+    worse.loc[(worse["arm"] == "transfer") & (worse["round"] == 3), "test_acc"] -= 0.2
+    assert row(transfer_vs_target(aggregate(worse), ReportConfig()), target="alpha", round=3).verdict == "worse"
 
 
 def test_table3_gives_the_fraction_pruned_of_each_best_model(loaded: pd.DataFrame) -> None:
-    table3 = fraction_table(best_models(aggregate(loaded), loaded, alpha=0.05))
+    table3 = fraction_table(best_models(aggregate(loaded), ReportConfig()))
     for (target, series), (rnd, frac, _, _) in EXPECTED_BEST.items():
         r = row(table3, target=target, series=series)
         assert (r.best_round, r.fraction_pruned, r.fraction_remaining) == pytest.approx((rnd, frac, 1 - frac))
@@ -226,12 +266,16 @@ def test_build_report_writes_pages_tables_figures_and_dvc_metrics(tmp_path: Path
         with Image.open(reports / "figures" / name) as img:
             img.verify()
         assert (reports / "figures" / name).stat().st_size > 10_000
-    page, md = index.read_text(), (reports / "report.md").read_text()
+    page, md = html.unescape(index.read_text()), (reports / "report.md").read_text()
     for text in (page, md):
         assert "Table 2" in text and "Table 3" in text and "Missing / partial results" in text
         assert all(f"figures/{name}" in text for name in figures)
         assert "★ 90.00 ± 2.00 % (n=3)" in text and "82.00 ± 2.00 % (n=3)" in text and "0.00805" in text
         assert "rewind_epoch" in text and "size_fractions" in text  # the study's parameters
+        assert "Welch's two-sided t-test" in text and "Holm's step-down correction" in text
+        assert "alpha = 0.05" in text and "Seeds: 2 configured (0, 1)" in text and "fewer than 3 seeds" in text
+        assert "highest mean validation accuracy" in text and "too few seeds to test" in text
+        assert "Transferred tickets vs the target's own tickets" in text and "1 (20.0%), 2 (36.0%)" in text
     assert "reinitialised" in page and "no results" in page  # beta's absent arms, listed
     assert len(pd.read_csv(reports / "table2.csv")) == len(EXPECTED_BEST) == len(pd.read_csv(reports / "table3.csv"))
     summary = json.loads((results / "summary.json").read_text())
@@ -239,10 +283,31 @@ def test_build_report_writes_pages_tables_figures_and_dvc_metrics(tmp_path: Path
     assert summary["alpha"]["best_transfer_nat_test_acc"] == pytest.approx(0.90)
     assert summary["alpha"]["best_size_0.5_fraction_pruned"] == pytest.approx(0.36)
     assert summary["beta"]["best_target_test_acc"] == pytest.approx(0.64)
+    assert summary["alpha"]["best_transfer_nat_round"] == 2 and "best_target_p_value" not in summary["beta"]
+    assert summary["alpha"]["best_transfer_nat_p_adjusted"] == pytest.approx(6 * 0.00805, abs=5e-4)
+    versus = pd.read_csv(reports / "transfer_vs_target.csv", keep_default_na=False)
+    assert row(versus, target="alpha", round=2).verdict == "better" and len(versus) == 6
     plots = pd.read_csv(results / "plots" / "alpha.csv")
     assert {"arm_source", "fraction_pruned", "test_acc_mean"} <= set(plots.columns)
     assert row(plots, arm_source="transfer_nat", round=2).test_acc_mean == pytest.approx(0.90)
     assert not list(reports.rglob("*.tmp")) and not list(results.rglob("*.tmp"))
+
+
+def test_figure3_stars_the_chosen_rounds_and_marks_significant_rounds(loaded: pd.DataFrame) -> None:
+    from matplotlib.figure import Figure
+
+    from lth.report.figures import _curve, _mark, figure_lines
+    from lth.report.tables import analyse
+
+    tables = analyse(loaded, ReportConfig())
+    agg_t = tables.agg[tables.agg["target"] == "alpha"]
+    _, lines = figure_lines(agg_t, "alpha", {"nat": "tab:green", "rel": "tab:red"})["fig3"]
+    ax = Figure().subplots()
+    _mark(ax, [(line, _curve(agg_t, line)) for line in lines], tables.table2[tables.table2["target"] == "alpha"],
+          tables.versus[tables.versus["target"] == "alpha"])
+    marks = {(ln.get_marker(), round(1 - float(x), 3)) for ln in ax.lines for x in ln.get_xdata()}
+    # stars: transfer round 2 (36 %), target round 3 (48.8 %), reinit round 1 (20 %); triangles: rounds 1 and 2
+    assert marks == {("*", 0.36), ("*", 0.488), ("*", 0.2), ("^", 0.2), ("^", 0.36)}
 
 
 def test_report_command_prints_where_and_table2(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ class DatasetParams:
     path: str | None = None  # a user's copy (folder / WikiArt manifest), when the origin needs one
     crop_zoom: int | None = None  # `lth pull cytomine`: zoom level of the dumped crops (None: full resolution)
     crop_max_size: int | None = None  # `lth pull cytomine`: longest side of a dumped crop, px (None: as annotated)
+    allow_fewer: bool = False  # keep a split smaller than train/val/test asks (recorded in meta.json), not fail
 
     def __post_init__(self) -> None:
         for name in ("train", "val", "test"):
@@ -53,10 +54,11 @@ class PathsConfig:
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    """`lth prepare`: image size, split seed and per-dataset subset sizes."""
+    """`lth prepare`: image size and geometry, split seed and per-dataset subset sizes."""
 
     image_size: int = 32  # side of the stored square images, px
     seed: int = 0  # seed of subsets and splits
+    geometry: Literal["stretch", "pad", "center-crop"] = "stretch"  # how a non-square image becomes square
     datasets: Mapping[str, DatasetParams] = field(default_factory=dict)  # datasets of this study
 
     def __post_init__(self) -> None:
@@ -207,12 +209,15 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """`lth report`: significance level of the Welch test."""
+    """`lth report`: Welch tests against scratch and the target's tickets, corrected per target and table."""
 
-    alpha: float = 0.05
+    alpha: float = 0.05  # significance level of the corrected tests (family-wise for holm/bonferroni)
+    correction: Literal["holm", "bonferroni", "fdr_bh"] = "holm"  # multiple-comparison correction per family
+    min_seeds: int = 3  # fewest seeds on each side of a test; fewer: "too few seeds to test", no p-value
 
     def __post_init__(self) -> None:
         check(0 < self.alpha < 1, "alpha", "must be in (0, 1)")
+        check(self.min_seeds >= 2, "min_seeds", "must be >= 2 (Welch's test needs a variance on each side)")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ def report(params_path: str) -> None:
     table2 = pd.read_csv(Path(params.paths.reports) / "table2.csv", keep_default_na=False, na_values=[""])
     click.echo(f"report -> {index} (Markdown, table2.csv, table3.csv, figures/ beside it)")
     click.echo(f"metrics -> {Path(params.paths.results) / 'summary.json'}")
+    correction = params.report.correction
+    click.echo(f"best rounds chosen on validation; Welch p-values {correction}-corrected per target")
     for r in table2.itertuples(index=False):
-        p = "p=n/a" if pd.isna(r.p_value) else f"p={r.p_value:.3g}"
+        p = f"p_{correction}=n/a ({r.note})" if pd.isna(r.p_adjusted) else f"p_{correction}={r.p_adjusted:.3g}"
         click.echo(f"  {r.target:<14} {r.series:<28} round {r.best_round:>2} ({r.fraction_pruned:6.1%} pruned) "
                    f"{r.best_mean:.4f} vs scratch {r.scratch_mean:.4f}  winner={r.winner or '-'} {p}")

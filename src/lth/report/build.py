@@ -8,23 +8,22 @@ from lth.config import Params
 from lth.fsutil import atomic_dir, atomic_write_json, atomic_write_text
 from lth.report.figures import draw_figures
 from lth.report.page import write_pages
-from lth.report.tables import (aggregate, best_models, fraction_table, load_results, missing_results, plot_table,
-                               summary_json)
+from lth.report.tables import analyse, load_results, missing_results, plot_table, summary_json
+
 
 def build_report(params: Params) -> Path:
     """Write reports/ (pages, tables, figures) and results/ metrics from the transfer results; return index.html."""
     results = Path(params.paths.results)
     reports = Path(params.paths.reports)
     df = load_results(results, params.transfer.targets)
-    agg = aggregate(df)
-    table2 = best_models(agg, df, params.report.alpha)
-    table3 = fraction_table(table2)
+    tables = analyse(df, params.report)
     missing = missing_results(df, params)
     with atomic_dir(reports / "figures") as tmp:  # a figure from an earlier, different study never lingers
-        figures = draw_figures(agg, params.transfer.targets, tmp, link_dir="figures")
-    atomic_write_text(reports / "table2.csv", table2.to_csv(index=False))
-    atomic_write_text(reports / "table3.csv", table3.to_csv(index=False))
+        figures = draw_figures(tables, params.transfer.targets, tmp, link_dir="figures")
+    atomic_write_text(reports / "table2.csv", tables.table2.to_csv(index=False))
+    atomic_write_text(reports / "table3.csv", tables.table3.to_csv(index=False))
+    atomic_write_text(reports / "transfer_vs_target.csv", tables.versus.to_csv(index=False))
     for target in params.transfer.targets:
-        atomic_write_text(results / "plots" / f"{target}.csv", plot_table(agg, target).to_csv(index=False))
-    atomic_write_json(results / "summary.json", summary_json(agg, table2))
-    return write_pages(reports, params, table2, table3, missing, figures)
+        atomic_write_text(results / "plots" / f"{target}.csv", plot_table(tables.agg, target).to_csv(index=False))
+    atomic_write_json(results / "summary.json", summary_json(tables.agg, tables.table2))
+    return write_pages(reports, params, tables, missing, figures)

@@ -1,4 +1,8 @@
-"""The report's figures: test accuracy against fraction pruned, mean line and ±std band per series (Fig. 3, Fig. 4)."""
+"""The report's figures: test accuracy against fraction pruned, mean line and ±std band per series (Fig. 3, Fig. 4).
+
+A star marks each series' validation-chosen best round (Table 2); on Fig. 3, a triangle marks a round where a
+transferred ticket is significantly better (up) or worse (down) than the target's own ticket (corrected test).
+"""
 
 from __future__ import annotations
 
@@ -15,11 +19,13 @@ from matplotlib.figure import Figure  # no pyplot: no global state, and PNG outp
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from lth.fsutil import atomic_write_bytes
-from lth.report.tables import series_label
+from lth.report.tables import Analysis, series_label
 
 TARGET_COLOR, REINIT_COLOR, SCRATCH_COLOR = "tab:blue", "tab:orange", "black"
 SOURCE_COLORS = ("tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 MIN_REMAINING = 1e-4  # keeps a fully pruned point on the log axis
+VERDICT_MARKERS = {"better": ("^", "significantly better than the target's ticket"),
+                   "worse": ("v", "significantly worse than the target's ticket")}
 
 
 @dataclass(frozen=True)
@@ -74,8 +80,43 @@ def _format_axis(ax, fractions: np.ndarray) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def plot_curves(agg_t: pd.DataFrame, lines: list[Line], title: str) -> bytes | None:
-    """PNG of the given series plus the scratch baseline (dashed); None when no series has data."""
+def _remaining(fraction_pruned) -> np.ndarray:
+    """x coordinate: the fraction of weights remaining, clipped onto the log axis."""
+    return np.clip(1.0 - np.asarray(fraction_pruned, float), MIN_REMAINING, 1.0)
+
+
+def _series_rows(table: pd.DataFrame, line: Line) -> pd.DataFrame:
+    """The rows of a per-series table (Table 2, transfer vs target) that belong to one line."""
+    size = table["size_fraction"] if "size_fraction" in table.columns else line.size_fraction  # versus: full sets
+    return table[(table["arm"] == line.arm) & (table["source"] == line.source) & (size == line.size_fraction)]
+
+
+def _mark(ax, curves: list[tuple[Line, pd.DataFrame]], best: pd.DataFrame, versus: pd.DataFrame) -> None:
+    """Stars at the validation-chosen rounds; triangles where a transferred ticket beats or trails the target's."""
+    starred = False
+    for line, c in curves:
+        chosen = c[c["round"].isin(_series_rows(best, line)["best_round"])]
+        if not chosen.empty:
+            ax.plot(_remaining(chosen["fraction_pruned"]), chosen["test_acc_mean"], linestyle="none", marker="*",
+                    markersize=13, color=line.color, markeredgecolor="black",
+                    label=None if starred else "best round (chosen on validation)")
+            starred = True
+    shown: set[str] = set()
+    for line, c in curves:
+        rows = _series_rows(versus, line)
+        for verdict, (marker, text) in VERDICT_MARKERS.items():
+            hit = c[c["round"].isin(rows.loc[rows["verdict"] == verdict, "round"])]
+            if not hit.empty:
+                ax.plot(_remaining(hit["fraction_pruned"]), hit["test_acc_mean"], linestyle="none", marker=marker,
+                        markersize=9, markerfacecolor="none", markeredgewidth=1.8, color=line.color,
+                        label=None if verdict in shown else text)
+                shown.add(verdict)
+
+
+def plot_curves(agg_t: pd.DataFrame, lines: list[Line], title: str, best: pd.DataFrame | None = None,
+                versus: pd.DataFrame | None = None) -> bytes | None:
+    """PNG of the given series plus the scratch baseline (dashed), with the best-round and significance marks;
+    None when no series has data."""
     curves = [(line, _curve(agg_t, line)) for line in lines]
     curves = [(line, c) for line, c in curves if not c.empty]
     if not curves:
@@ -83,10 +124,12 @@ def plot_curves(agg_t: pd.DataFrame, lines: list[Line], title: str) -> bytes | N
     fig = Figure(figsize=(8, 5), dpi=110)
     ax = fig.subplots()
     for line, c in curves:
-        x = np.clip(1.0 - c["fraction_pruned"].to_numpy(float), MIN_REMAINING, 1.0)
+        x = _remaining(c["fraction_pruned"])
         mean, std = c["test_acc_mean"].to_numpy(float), np.nan_to_num(c["test_acc_std"].to_numpy(float))
         ax.plot(x, mean, marker="o", markersize=3, color=line.color, linestyle=line.linestyle, label=line.label)
         ax.fill_between(x, mean - std, mean + std, color=line.color, alpha=0.15, linewidth=0)
+    _mark(ax, curves, pd.DataFrame(columns=["arm", "source", "best_round"]) if best is None else best,
+          pd.DataFrame(columns=["arm", "source", "round", "verdict"]) if versus is None else versus)
     scratch = agg_t[agg_t["arm"] == "scratch"]
     if not scratch.empty:
         mean, std = float(scratch["test_acc_mean"].iloc[0]), float(np.nan_to_num(scratch["test_acc_std"].iloc[0]))
@@ -129,17 +172,20 @@ def figure_lines(agg_t: pd.DataFrame, target: str, colors: dict[str, str]) -> di
     return figures
 
 
-def draw_figures(agg: pd.DataFrame, targets: tuple[str, ...] | list[str], out_dir: Path,
+def draw_figures(tables: Analysis, targets: tuple[str, ...] | list[str], out_dir: Path,
                  link_dir: str = "figures") -> dict[str, list[FigureRef]]:
     """Write every figure of every target under out_dir; return them per target, linked as link_dir/NAME.png."""
+    agg = tables.agg
     named = sorted(agg.loc[agg["arm"].isin(["transfer", "trained", "related"]), "source"].unique())
     colors = {s: SOURCE_COLORS[i % len(SOURCE_COLORS)] for i, s in enumerate(named)}  # one colour per source everywhere
     written: dict[str, list[FigureRef]] = {}
     for target in targets:
         agg_t = agg[agg["target"] == target]
+        best = tables.table2[tables.table2["target"] == target]
+        versus = tables.versus[tables.versus["target"] == target]
         written[target] = []
         for name, (title, lines) in figure_lines(agg_t, target, colors).items():
-            png = plot_curves(agg_t, lines, title)
+            png = plot_curves(agg_t, lines, title, best, versus if name == "fig3" else None)
             if png is None:
                 continue
             rel = f"{name}_{_slug(target)}.png"

@@ -1,4 +1,5 @@
-"""The report's pages: Tables 2 and 3, the figures, the parameters and the gaps, as HTML and as Markdown."""
+"""The report's pages: the statistics used, Tables 2 and 3, transfer vs target, the figures, the parameters and the
+gaps, as HTML and as Markdown."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from lth.config import Params, to_dict
+from lth.config import Params, ReportConfig, to_dict
 from lth.fsutil import atomic_write_text
 from lth.report.figures import FigureRef
+from lth.report.tables import CORRECTION_NAMES, Analysis, versus_summary
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -35,21 +37,53 @@ def _acc(mean: float, std: float, n: int) -> str:
     return f"{100 * mean:.2f}{spread} % (n={n})"
 
 
-def table2_display(table2: pd.DataFrame, alpha: float) -> pd.DataFrame:
+def _p(p: float) -> str:
+    """A p-value, or a dash where there is no test."""
+    return "—" if math.isnan(p) else f"{p:.3g}"
+
+
+def table2_display(table2: pd.DataFrame, cfg: ReportConfig) -> pd.DataFrame:
     """Table 2 as readable strings; the winner's accuracy is starred."""
     rows = []
     for r in table2.itertuples(index=False):
         best, scratch = _acc(r.best_mean, r.best_std, r.best_n), _acc(r.scratch_mean, r.scratch_std, r.scratch_n)
         significant = "—" if pd.isna(r.significant) else ("yes" if r.significant else "no")
         rows.append({
-            "Target": r.target, "Model": r.label, "Best round": r.best_round,
+            "Target": r.target, "Model": r.label, "Best round (validation)": r.best_round,
+            "Round by test acc": "same" if r.test_best_round == r.best_round else int(r.test_best_round),
             "Fraction pruned": f"{r.fraction_pruned:.2%}",
             "Best pruned test acc": ("★ " if r.winner == "pruned" else "") + best,
             "Scratch test acc": ("★ " if r.winner == "scratch" else "") + scratch,
-            "Winner": r.winner or "—", "Welch p": "—" if math.isnan(r.p_value) else f"{r.p_value:.3g}",
-            f"Significant (p < {alpha:g})": significant, "Note": r.note,
+            "Winner": r.winner or "—", "Welch p": _p(r.p_value), f"p ({cfg.correction})": _p(r.p_adjusted),
+            f"Significant (corrected p < {cfg.alpha:g})": significant, "Note": r.note,
         })
     return pd.DataFrame(rows)
+
+
+def methods(params: Params, table2: pd.DataFrame) -> list[str]:
+    """The statistics of this page in plain sentences: selection, test, correction, alpha, seeds."""
+    cfg, seeds = params.report, params.transfer.seeds
+    differs = table2[table2["test_best_round"] != table2["best_round"]]
+    return [
+        "Each series' best round is the pruned round with the highest mean validation accuracy over seeds "
+        "(the earliest on a tie); the tables show that round's test accuracy (mean ± std over seeds, n = seeds), "
+        "so the accuracy reported is not the one the choice maximised.",
+        f"{len(differs)} of {len(table2)} series would have picked a different round on test accuracy "
+        "(column \"Round by test acc\"); choosing on test accuracy would overstate them."
+        if len(differs) else "In every series, test accuracy would have picked the same round as validation.",
+        "Test: Welch's two-sided t-test (unequal variances) on the seeds' test accuracies. Table 2 compares each "
+        "best model with scratch; the transfer-vs-target table compares a transferred ticket with the target's "
+        "own ticket of the same round (same sparsity).",
+        f"Correction: {CORRECTION_NAMES[cfg.correction]}; the tests of one table and one target form one family. "
+        f"Significant means corrected p < alpha = {cfg.alpha:g}.",
+        f"Seeds: {len(seeds)} configured ({', '.join(map(str, seeds))}); a comparison with fewer than "
+        f"{cfg.min_seeds} seeds on a side is marked \"too few seeds to test\" and gets no p-value.",
+    ]
+
+
+def versus_display(versus: pd.DataFrame) -> pd.DataFrame:
+    """Transfer vs target as one row per target and source (every round is in transfer_vs_target.csv)."""
+    return versus_summary(versus).rename(columns=str.capitalize)
 
 
 def table3_display(table3: pd.DataFrame) -> pd.DataFrame:
@@ -59,6 +93,13 @@ def table3_display(table3: pd.DataFrame) -> pd.DataFrame:
         "Fraction of weights pruned": [f"{f:.2%}" for f in table3["fraction_pruned"]],
         "Weights remaining": [f"{f:.2%}" for f in table3["fraction_remaining"]],
     })
+
+
+VERSUS_TEXT = ("Per target and natural source, every pruned round of the transferred ticket against the target's own "
+               "ticket of the same round; listed are the rounds where the transferred ticket is significantly better "
+               "or worse (corrected). Every round, with its accuracies and p-values, is in transfer_vs_target.csv.")
+FIGURE_TEXT = ("★: each series' best round (chosen on validation). On the Figure-3 plots, △ / ▽: a transferred ticket "
+               "significantly better / worse than the target's own ticket of the same round (corrected).")
 
 
 def html_table(df: pd.DataFrame, table_id: str) -> str:
@@ -95,10 +136,12 @@ def _partial_intro(missing: pd.DataFrame) -> str:
             "the tables and figures below use what exists.")
 
 
-def render_html(params: Params, t2: pd.DataFrame, t3: pd.DataFrame, missing: pd.DataFrame,
-                figures: dict[str, list[FigureRef]], stamp: str) -> str:
+def render_html(params: Params, tables: Analysis, missing: pd.DataFrame, figures: dict[str, list[FigureRef]],
+                stamp: str) -> str:
     """The self-contained report page (figures are linked PNGs beside it)."""
     esc = html.escape
+    t2, t3 = table2_display(tables.table2, params.report), table3_display(tables.table3)
+    stats_items = "".join(f"<li>{esc(line)}</li>" for line in methods(params, tables.table2))
     status = "complete" if missing.empty else "partial"
     figs = "".join(
         f"<h3>{esc(target)}</h3>" + "".join(
@@ -109,7 +152,9 @@ def render_html(params: Params, t2: pd.DataFrame, t3: pd.DataFrame, missing: pd.
 <body>
 <h1>Lottery-ticket transfer study</h1>
 <p>Generated {esc(stamp)} by <code>lth report</code>. Accuracies are test accuracy of the best-validation weights,
-mean ± std over seeds; ★ marks the higher mean. Welch's t-test compares the best round's seeds with scratch's.</p>
+mean ± std over seeds; ★ marks the higher mean.</p>
+<h2 id="statistics">Statistics</h2>
+<ul>{stats_items}</ul>
 <h2 id="partial-results">Missing / partial results</h2>
 <div class="{status}"><p>{esc(_partial_intro(missing))}</p>
 {"" if missing.empty else html_table(missing, "missing")}</div>
@@ -117,7 +162,11 @@ mean ± std over seeds; ★ marks the higher mean. Welch's t-test compares the b
 {html_table(t2, "table2")}
 <h2>Table 3: fraction of weights pruned at which each best model was found</h2>
 {html_table(t3, "table3")}
+<h2>Transferred tickets vs the target's own tickets (paper Sec. 4.2)</h2>
+<p>{esc(VERSUS_TEXT)}</p>
+{html_table(versus_display(tables.versus), "transfer-vs-target")}
 <h2>Figures</h2>
+<p>{esc(FIGURE_TEXT)}</p>
 {figs or "<p><em>No figures: no results to plot.</em></p>"}
 <h2>Study parameters</h2>
 <pre>{esc(study_parameters(params))}</pre>
@@ -125,16 +174,22 @@ mean ± std over seeds; ★ marks the higher mean. Welch's t-test compares the b
 """
 
 
-def render_markdown(params: Params, t2: pd.DataFrame, t3: pd.DataFrame, missing: pd.DataFrame,
-                    figures: dict[str, list[FigureRef]], stamp: str) -> str:
+def render_markdown(params: Params, tables: Analysis, missing: pd.DataFrame, figures: dict[str, list[FigureRef]],
+                    stamp: str) -> str:
     """The same report in Markdown."""
+    t2, t3 = table2_display(tables.table2, params.report), table3_display(tables.table3)
+    stats_items = "\n".join(f"- {line}" for line in methods(params, tables.table2))
     figs = "\n\n".join(f"### {target}\n\n" + "\n\n".join(f"![{f.title}]({f.path})" for f in refs)
                        for target, refs in figures.items())
     partial = _partial_intro(missing) + ("" if missing.empty else "\n\n" + md_table(missing))
     return f"""# Lottery-ticket transfer study
 
 Generated {stamp} by `lth report`. Accuracies are test accuracy of the best-validation weights, mean ± std
-over seeds; ★ marks the higher mean. Welch's t-test compares the best round's seeds with scratch's.
+over seeds; ★ marks the higher mean.
+
+## Statistics
+
+{stats_items}
 
 ## Missing / partial results
 
@@ -148,7 +203,15 @@ over seeds; ★ marks the higher mean. Welch's t-test compares the best round's 
 
 {md_table(t3)}
 
+## Transferred tickets vs the target's own tickets (paper Sec. 4.2)
+
+{VERSUS_TEXT}
+
+{md_table(versus_display(tables.versus))}
+
 ## Figures
+
+{FIGURE_TEXT}
 
 {figs or "_No figures: no results to plot._"}
 
@@ -159,12 +222,11 @@ over seeds; ★ marks the higher mean. Welch's t-test compares the best round's 
 """
 
 
-def write_pages(reports: Path, params: Params, table2: pd.DataFrame, table3: pd.DataFrame, missing: pd.DataFrame,
+def write_pages(reports: Path, params: Params, tables: Analysis, missing: pd.DataFrame,
                 figures: dict[str, list[FigureRef]]) -> Path:
     """Write reports/index.html and reports/report.md atomically; return index.html."""
-    t2, t3 = table2_display(table2, params.report.alpha), table3_display(table3)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     index = reports / "index.html"
-    atomic_write_text(reports / "report.md", render_markdown(params, t2, t3, missing, figures, stamp))
-    atomic_write_text(index, render_html(params, t2, t3, missing, figures, stamp))
+    atomic_write_text(reports / "report.md", render_markdown(params, tables, missing, figures, stamp))
+    atomic_write_text(index, render_html(params, tables, missing, figures, stamp))
     return index
