@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import requests
 import yaml
 
 from lth.config import Params, params_from_dict
 from lth.data.store import write_prepared
+from lth.report.tables import COLUMNS
 
 BIN = Path(sys.executable).parent
 
@@ -157,3 +159,64 @@ def stop_server(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# ---------------------------------------------------------------- hand-made transfer results (the report's input)
+
+
+FRACTION = {0: 0.0, 1: 0.2, 2: 0.36, 3: 0.488}  # 1 - 0.8^round
+
+# (target, arm, source, size_fraction) -> {round: per-seed test accuracies}; seeds 0, 1, 2 (beta: 0, 1)
+STUDY: dict[tuple[str, str, str, float], dict[int, list[float]]] = {
+    ("alpha", "scratch", "", 1.0): {0: [0.80, 0.82, 0.84]},
+    ("alpha", "transfer", "nat", 1.0): {0: [0.78, 0.80, 0.82], 1: [0.85, 0.86, 0.87], 2: [0.88, 0.90, 0.92],
+                                        3: [0.83, 0.84, 0.85]},
+    ("alpha", "target", "alpha", 1.0): {0: [0.80, 0.81, 0.82], 1: [0.80, 0.81, 0.82], 2: [0.82, 0.83, 0.84],
+                                        3: [0.84, 0.85, 0.86]},
+    ("alpha", "reinit", "alpha", 1.0): {0: [0.80, 0.81, 0.82], 1: [0.75, 0.76, 0.77], 2: [0.73, 0.74, 0.75],
+                                        3: [0.69, 0.70, 0.71]},
+    ("alpha", "trained", "nat", 1.0): {0: [0.78, 0.80, 0.82], 1: [0.78, 0.79, 0.80], 2: [0.79, 0.80, 0.81],
+                                       3: [0.80, 0.81, 0.82]},
+    ("alpha", "related", "rel", 1.0): {0: [0.80, 0.81, 0.82], 1: [0.82, 0.83, 0.84], 2: [0.86, 0.87, 0.88],
+                                       3: [0.85, 0.86, 0.87]},
+    ("alpha", "size", "alpha", 0.5): {0: [0.70, 0.71, 0.72], 1: [0.77, 0.78, 0.79], 2: [0.78, 0.79, 0.80],
+                                      3: [0.76, 0.77, 0.78]},
+    ("beta", "scratch", "beta", 1.0): {0: [0.60, 0.64]},  # scratch written with source = target: same thing
+    ("beta", "transfer", "nat", 1.0): {0: [0.50, 0.52], 1: [0.58, 0.60], 2: [0.55, 0.57], 3: [0.50, 0.52]},
+    ("beta", "target", "beta", 1.0): {0: [0.60, 0.62], 1: [0.62, 0.66], 2: [0.61, 0.63], 3: [0.59, 0.61]},
+}
+
+
+def study_rows(study: dict = STUDY) -> pd.DataFrame:
+    """The hand-made results table in the `lth transfer` CSV format."""
+    rows = []
+    for (target, arm, source, size), by_round in study.items():
+        for rnd, accs in by_round.items():
+            for seed, acc in enumerate(accs):
+                rows.append({"target": target, "arm": arm, "source": source, "seed": seed, "round": rnd,
+                             "fraction_pruned": FRACTION[rnd], "size_fraction": size, "test_acc": acc,
+                             "test_loss": 1 - acc, "val_acc": acc, "val_loss": 1 - acc, "best_epoch": 2,
+                             "epochs": 4, "seconds": 1.5})
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def study_params(tmp_path: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> Params:
+    """A study configured for STUDY, writing under tmp_path."""
+    return params_from_dict({
+        "paths": {"results": str(tmp_path / "results"), "reports": str(tmp_path / "reports")},
+        "prepare": {"datasets": {"alpha": {}, "beta": {}, "nat": {}, "rel": {}}},
+        "imp": {"sources": ["nat"], "rounds": 3},
+        "transfer": {"targets": ["alpha", "beta"], "sources": ["nat"], "seeds": list(seeds),
+                     "related": [{"source": "rel", "target": "alpha"}], "size_fractions": [0.5]},
+    }, "test")
+
+
+def write_results(tmp_path: Path, df: pd.DataFrame | None = None, seeds: tuple[int, ...] = (0, 1, 2)) -> Params:
+    """Write STUDY (or df) as results/transfer/<target>.csv; return the matching params."""
+    df = study_rows() if df is None else df
+    params = study_params(tmp_path, seeds)
+    out = Path(params.paths.results) / "transfer"
+    out.mkdir(parents=True, exist_ok=True)
+    for target, rows in df.groupby("target"):
+        rows.to_csv(out / f"{target}.csv", index=False)
+    return params

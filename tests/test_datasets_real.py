@@ -6,12 +6,11 @@ downloader; folder imports and WikiArt subsets from tiny trees written here (Cyt
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes.archives import cifar_archive, fashion_mnist_files, md5, png
+from fakes.archives import cifar_archive, fashion_mnist_files, make_tree, make_wikiart, md5
 from fakes.http_files import FileServer
 from fakes.study import last_line, lth, prepared
 from helpers import free_port, write_params
@@ -154,17 +153,6 @@ def test_fashion_mnist_downloads_through_torchvision_when_debian_copy_is_absent(
 # ---------------------------------------------------------------- folder import
 
 
-def make_tree(root: Path, classes: int = 3, per_class: int = 4) -> Path:
-    """`<split>/human-lba_<term>/<image>_<annotation>.png`, the layout the pathology sets circulate in."""
-    for split in ("train", "val", "test"):
-        for c in range(classes):
-            folder = root / split / f"human-lba_{101 + c}"
-            folder.mkdir(parents=True)
-            for k in range(per_class):
-                (folder / f"{500 + k}_{9000 + 10 * c + k}.png").write_bytes(png(c, (18 + k, 22), seed=k))
-    return root
-
-
 def test_folder_import_prepares_the_circulating_layout(tmp_path, monkeypatch, capsys) -> None:
     tree = make_tree(tmp_path / "human-lba")
     params = write_params(tmp_path, {"human-lba": {"path": str(tree)}})
@@ -192,26 +180,6 @@ def test_folder_import_bad_inputs(tmp_path, monkeypatch, capsys, damage, expecte
 
 
 # ---------------------------------------------------------------- WikiArt
-
-
-ARTISTS = {"monet": 12, "renoir": 10, "degas": 10, "sisley": 10, "manet": 4, "Unknown Artist": 20}
-
-
-def make_wikiart(root: Path) -> Path:
-    """Images under root/<style>/ and a metadata table (filename, artist, genre); returns the CSV."""
-    rows = []
-    for a, (artist, count) in enumerate(ARTISTS.items()):
-        for k in range(count):
-            rel = f"{'Impressionism' if k % 2 else 'Realism'}/{artist.replace(' ', '-')}_{k}.jpg"
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(png(a, (30, 20 + k % 3), seed=k))
-            rows.append({"filename": rel, "artist": artist, "genre": "portrait" if k % 3 else "landscape"})
-    meta = root / "classes.csv"
-    with meta.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["filename", "artist", "genre"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return meta
 
 
 def build_args(root: Path, meta: Path, out: Path, top: int, *extra: str) -> list[str]:

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from fakes.study import last_line, lth, prepared, write_params
-from test_datasets_real import make_tree, make_wikiart
+from fakes.archives import make_tree, make_wikiart
+from fakes.study import last_line, lth, prepared
+from helpers import write_params
 
 from lth.config import ConfigError, params_from_dict
 from lth.data import store, wikiart

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_report import write_study  # tests/ is on sys.path (pytest's default rootdir-relative import)
+from helpers import write_results
 
 from lth.report.build import build_report
 
@@ -56,7 +56,7 @@ def instrumented(index: Path, name: str, broken: bool = False) -> Path:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("browser")
-    return build_report(write_study(tmp, seeds=(0, 1)))
+    return build_report(write_results(tmp, seeds=(0, 1)))
 
 
 def test_report_renders_to_a_non_blank_screenshot(report: Path, tmp_path: Path) -> None:

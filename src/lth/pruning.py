@@ -30,11 +30,12 @@ def full_mask(model: nn.Module) -> Mask:
 def prune_global(weights: Mapping[str, torch.Tensor], mask: Mask, rate: float) -> Mask:
     """Prune `rate` of the *remaining* weights with the smallest magnitudes, one threshold across layers.
 
-    Already-pruned weights stay pruned; ties are broken by position so the result is deterministic.
+    Already-pruned weights stay pruned; ties are broken by position (layers in name order, as a mask loaded
+    from safetensors comes in no fixed order) so the result is deterministic.
     """
     if not 0 < rate < 1:
         raise ValueError(f"pruning rate must be in (0, 1), got {rate}")
-    names = list(mask)
+    names = sorted(mask)
     # Score pruned positions -1 so they sort first and stay pruned.
     scores = torch.cat(
         [torch.where(mask[n], weights[n].detach().abs().float().cpu(), -1.0).flatten() for n in names]

@@ -84,7 +84,7 @@ def save_ticket(
             (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
         files = [WEIGHTS, MASK] + ([TRAINED] if trained is not None else [])
         checks = {f: sha256_file(tmp / f) for f in files}
-        full = asdict(meta) | {"sha256": checks, "prunable": list(meta.prunable)}
+        full = asdict(meta) | {"sha256": checks, "prunable": sorted(meta.prunable)}
         (tmp / TICKET_JSON).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
     return directory
 

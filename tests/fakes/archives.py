@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import io
 import pickle
 import struct
 import tarfile
+from pathlib import Path
 
 import numpy as np
 
@@ -96,3 +98,34 @@ def png(label: int, size: tuple[int, int], seed: int) -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="PNG")
     return out.getvalue()
+
+
+def make_tree(root: Path, classes: int = 3, per_class: int = 4) -> Path:
+    """`<split>/human-lba_<term>/<image>_<annotation>.png`, the layout the pathology sets circulate in."""
+    for split in ("train", "val", "test"):
+        for c in range(classes):
+            folder = root / split / f"human-lba_{101 + c}"
+            folder.mkdir(parents=True)
+            for k in range(per_class):
+                (folder / f"{500 + k}_{9000 + 10 * c + k}.png").write_bytes(png(c, (18 + k, 22), seed=k))
+    return root
+
+
+ARTISTS = {"monet": 12, "renoir": 10, "degas": 10, "sisley": 10, "manet": 4, "Unknown Artist": 20}
+
+
+def make_wikiart(root: Path) -> Path:
+    """Images under root/<style>/ and a metadata table (filename, artist, genre); returns the CSV."""
+    rows = []
+    for a, (artist, count) in enumerate(ARTISTS.items()):
+        for k in range(count):
+            rel = f"{'Impressionism' if k % 2 else 'Realism'}/{artist.replace(' ', '-')}_{k}.jpg"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(png(a, (30, 20 + k % 3), seed=k))
+            rows.append({"filename": rel, "artist": artist, "genre": "portrait" if k % 3 else "landscape"})
+    meta = root / "classes.csv"
+    with meta.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["filename", "artist", "genre"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return meta
