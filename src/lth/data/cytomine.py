@@ -224,9 +224,5 @@ def pull(host: str, project: str, dataset: str, dparams: DatasetParams, seed: in
 def load(dparams: DatasetParams, seed: int, raw_dir: Path) -> RawDataset:
     """Origin 'cytomine': a finished pull in raw_dir, or the user's folder/manifest at prepare.datasets.NAME.path."""
     del seed  # splits were made by slide at pull time (or come with the user's folder)
-    name = raw_dir.name
-    how = (
-        f"run `lth pull cytomine --host HOST --project PROJECT --dataset {name}`, or set "
-        f"prepare.datasets.{name}.path to a split/class/image folder"
-    )
-    return load_user_copy(dparams, raw_dir, how)
+    return load_user_copy(dparams, raw_dir, "run `lth pull cytomine --host HOST --project PROJECT --dataset {name}`, "
+                                            "or set prepare.datasets.{name}.path to a split/class/image folder")

@@ -108,8 +108,12 @@ def load_manifest(path: str | Path, dataset: str) -> RawDataset:
 
 
 def load_user_copy(dparams: DatasetParams, raw_dir: Path, how_to_get: str) -> RawDataset:
-    """A user's copy at prepare.datasets.NAME.path (default data/raw/NAME): a manifest, or a split/class/image tree."""
+    """A user's copy at prepare.datasets.NAME.path (default data/raw/NAME): a manifest, or a split/class/image tree.
+
+    `how_to_get` tells the user how to bring one in; {name} and {raw_dir} in it are filled in.
+    """
     name = raw_dir.name
+    how_to_get = how_to_get.format(name=name, raw_dir=raw_dir)
     where = Path(dparams.path).expanduser() if dparams.path is not None else raw_dir
     if where.is_file():
         return load_manifest(where, name)

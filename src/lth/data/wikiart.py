@@ -157,9 +157,6 @@ def build(
 def load(dparams: DatasetParams, seed: int, raw_dir: Path) -> RawDataset:
     """Origin 'wikiart': the manifest at prepare.datasets.NAME.path or data/raw/NAME/manifest.csv, files verified."""
     del seed  # the manifest fixes the split
-    name = raw_dir.name
-    how = (
-        f"run `lth build wikiart --root DIR --metadata CSV --label COLUMN --top N --seed S -o {raw_dir}/manifest.csv` "
-        f"or set prepare.datasets.{name}.path to a manifest"
-    )
-    return load_user_copy(dparams, raw_dir, how)
+    return load_user_copy(dparams, raw_dir, "run `lth build wikiart --root DIR --metadata CSV --label COLUMN --top N "
+                                            "--seed S -o {raw_dir}/manifest.csv` or set prepare.datasets.{name}.path "
+                                            "to a manifest")
