@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
 
 from lth.config import Params, params_from_dict
 from lth.data.store import write_prepared
+from lth.tracking import NullRun, NullTracker
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -54,3 +57,43 @@ def study(tmp_path: Path) -> Params:
     make_dataset(Path(params.paths.data), "fashion-mnist", 4, seed=1)
     make_dataset(Path(params.paths.data), "digits", 3, seed=2)
     return params
+
+
+class Killed(Exception):
+    """Stands in for a SIGKILL in-process: raised while an epoch is logged, after that epoch's checkpoint."""
+
+
+class _DyingRun(NullRun):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def log_metrics(self, metrics, step: int | None = None) -> None:
+        if step == self.epoch:
+            raise Killed(f"killed after epoch {step}")
+
+
+class KillAtEpoch(NullTracker):
+    """A tracker whose child runs with `part` in their name die once epoch `epoch` is logged."""
+
+    def __init__(self, part: str, epoch: int) -> None:
+        self.part, self.epoch = part, epoch
+
+    @contextlib.contextmanager
+    def child(self, parent, run_name: str, *, params, tags) -> Iterator[NullRun]:
+        yield _DyingRun(self.epoch) if self.part in run_name else NullRun()
+
+
+@pytest.fixture
+def trained_epochs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(seed, epoch) of every training pass this process runs from now on: what was trained, not replayed."""
+    import lth.training.state as state
+
+    calls: list[tuple[int, int]] = []
+    real = state.train_pass
+
+    def counting(*args, seed: int, epoch: int, **kwargs):
+        calls.append((seed, epoch))
+        return real(*args, seed=seed, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(state, "train_pass", counting)
+    return calls

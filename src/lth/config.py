@@ -114,6 +114,8 @@ class TrainConfig:
         check(all(e >= 1 for e in self.lr_anneal_epochs)
               and list(self.lr_anneal_epochs) == sorted(set(self.lr_anneal_epochs)),
               "lr_anneal_epochs", "must be increasing epoch numbers >= 1")
+        check(all(e < self.max_epochs for e in self.lr_anneal_epochs), "lr_anneal_epochs",
+              f"must be below max_epochs ({self.max_epochs}): a later annealing never happens")
         check(0 < self.lr_anneal_factor < 1, "lr_anneal_factor", "must be in (0, 1)")
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         check(self.max_epochs >= 1, "max_epochs", "must be >= 1")

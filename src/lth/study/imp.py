@@ -6,8 +6,10 @@ rerunning a killed job continues at the first missing round.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -97,6 +99,11 @@ def _log_epoch(run: Run):
     return log
 
 
+def announce_resume(name: str) -> Callable[[int, int], None]:
+    """fit()'s on_resume: one line on stderr, so a user sees a killed fit go on instead of starting over."""
+    return lambda done, cap: tqdm.write(f"resuming {name} after epoch {done}/{cap}", file=sys.stderr)
+
+
 def _round_run(job: ImpJob, round_: int, frac: float, params: Params,
                rewind_epoch: int | None = None) -> tuple[str, dict, dict[str, str]]:
     """Name, params and tags of a round's nested MLflow run (rewind epoch: the job's unless given)."""
@@ -130,7 +137,8 @@ def _train_round(
     ckpt = job.out_dir / ".checkpoints" / f"round{round_:02d}.safetensors"
     with tracker.child(parent, name, params=run_params, tags=tags) as run:
         result = fit(model, data.train, data.val, norm, params.train, seed=job.seed * 1000 + round_, mask=mask,
-                     keep_epochs=keep_epochs, on_epoch=_log_epoch(run), desc=name, checkpoint=ckpt)
+                     keep_epochs=keep_epochs, on_epoch=_log_epoch(run), desc=name, checkpoint=ckpt,
+                     on_resume=announce_resume(name))
         model.load_state_dict(result.best_state)
         test = evaluate(model, data.test, norm, params.train)
         best = result.best

@@ -22,7 +22,7 @@ from lth.data.registry import get_spec
 from lth.data.store import PreparedDataset, load_prepared, read_dataset_meta
 from lth.errors import UserError
 from lth.fsutil import atomic_write_json, atomic_write_text
-from lth.study.imp import make_job, run_imp
+from lth.study.imp import announce_resume, make_job, run_imp
 from lth.models import build_model, replace_head
 from lth.pruning import apply_mask, full_mask, sparsity
 from lth.tickets import TicketMeta, load_ticket, read_ticket_meta, ticket_dir
@@ -153,7 +153,8 @@ def run_finetune(ft: FineTune, data: PreparedDataset, params: Params, tracker: T
                                              "fit_seed": ft.fit_seed}, tags=tags) as run:
         result = fit(model, data.train, data.val, norm, params.train, seed=ft.fit_seed, mask=mask,
                      on_epoch=lambda m: run.log_metrics(m.as_dict(), step=m.epoch), desc=name,
-                     checkpoint=ckpt, lr=params.transfer.lr, max_epochs=params.transfer.max_epochs)
+                     checkpoint=ckpt, lr=params.transfer.lr, max_epochs=params.transfer.max_epochs,
+                     on_resume=announce_resume(name))
         model.load_state_dict(result.best_state)
         test = evaluate(model, data.test, norm, params.train)
         best = result.best
