@@ -93,8 +93,8 @@ def kill_when(args: list[str], cwd: Path, ready: Callable[[], bool], delay: floa
 
 
 def kill_and_finish(args: list[str], cwd: Path, points: list[Callable[[], bool]], seed: int,
-                    output_of: Callable[[str], Path]) -> int:
-    """Kill at each point, then rerun to completion; checks every try resumed what it should. Returns the kills.
+                    output_of: Callable[[str], Path]) -> tuple[int, int]:
+    """Kill at each point, then rerun to completion; checks every try resumed what it should.
 
     The first kill lands at once (mid-fit); the others after a seeded random delay. Each try may only say it
     resumed a checkpoint that was there when it started, at that checkpoint's epoch; the last try, which
@@ -110,8 +110,9 @@ def kill_and_finish(args: list[str], cwd: Path, points: list[Callable[[], bool]]
     for t in [*tries, last]:
         assert Counter(t.resumed()) <= Counter(t.resumable.values()), (t.resumable, t.output[-2000:])
     assert sorted(last.resumed()) == sorted(last.resumable.values()), (last.resumable, last.output[-2000:])
-    assert sum(len(t.resumed()) for t in [*tries, last]) >= 1, "no try resumed a killed fit"
-    return sum(t.killed for t in tries)
+    resumes = sum(len(t.resumed()) for t in [*tries, last])
+    assert resumes >= 1, "no try resumed a killed fit"
+    return sum(t.killed for t in tries), resumes
 
 
 def exists(path: Path) -> Callable[[], bool]:
@@ -156,7 +157,7 @@ def test_imp_and_transfer_survive_sigkill(tmp_path: Path) -> None:
 
     assert run_lth(IMP, clean).returncode == 0
     ckpt = killed / SEED_DIR / ".checkpoints"
-    imp_kills = kill_and_finish(IMP, killed, [
+    imp_kills, imp_resumes = kill_and_finish(IMP, killed, [
         exists(ckpt / "round00.json"),  # dense run, after its first epoch
         exists(killed / SEED_DIR / "round00" / "ticket.json"),  # between round 0 and round 1
         exists(ckpt / "round01.json"),  # round 1, mid-training
@@ -169,7 +170,7 @@ def test_imp_and_transfer_survive_sigkill(tmp_path: Path) -> None:
     shutil.copytree(clean / "models", killed / "models", dirs_exist_ok=True)
     assert run_lth(TRANSFER, clean).returncode == 0
     runs = killed / RESULTS / "runs"
-    transfer_kills = kill_and_finish(TRANSFER, killed, [
+    transfer_kills, transfer_resumes = kill_and_finish(TRANSFER, killed, [
         exists(killed / RESULTS / ".checkpoints" / "scratch-none-s0-r00.json"),  # first fine-tune, mid-training
         exists(runs / "scratch-none-s0-r00.json"),  # between fine-tunes
         exists(runs / "trained-fashion-mnist-s0-r02.json"),  # between the trained and transfer arms
@@ -181,6 +182,7 @@ def test_imp_and_transfer_survive_sigkill(tmp_path: Path) -> None:
     assert not list(killed.rglob("*.tmp")), "a killed atomic write left its temporary file behind"
 
     kills = imp_kills + transfer_kills
-    print(f"kills survived: imp {imp_kills}, transfer {transfer_kills}; child runs imp {dict(imp_status)}, "
+    print(f"kills survived: imp {imp_kills}, transfer {transfer_kills}; fits resumed: imp {imp_resumes}, "
+          f"transfer {transfer_resumes}; child runs imp {dict(imp_status)}, "
           f"transfer {dict(transfer_status)}")
     assert imp_kills >= 3 and transfer_kills >= 2, kills
