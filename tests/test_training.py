@@ -25,11 +25,22 @@ def test_learns_and_returns_history(study) -> None:
     data, norm = _setup(study)
     cfg = replace(study.train, max_epochs=4, patience=10)
     model = build_model(study.model, data.num_classes, 0)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
     seen: list[EpochMetrics] = []
-    result = fit(model, data.train, data.val, norm, cfg, seed=0, on_epoch=seen.append, keep_epochs=[0, 2])
+    states = {}
+
+    def record(m: EpochMetrics) -> None:
+        seen.append(m)
+        states[m.epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    result = fit(model, data.train, data.val, norm, cfg, seed=0, on_epoch=record, keep_epochs=[0, 2])
     assert [m.epoch for m in result.history] == [1, 2, 3, 4] == [m.epoch for m in seen]
     assert result.history[-1].train_loss < result.history[0].train_loss
+    # the kept rewind points are the weights as they were after 0 and 2 epochs
     assert set(result.kept) == {0, 2}
+    assert all(torch.equal(result.kept[0][k], initial[k]) for k in initial)
+    assert all(torch.equal(result.kept[2][k], states[2][k]) for k in initial)
+    assert not all(torch.equal(result.kept[2][k], states[4][k]) for k in initial)
     best = min(result.history, key=lambda m: m.val_loss)
     assert result.best_epoch == best.epoch
 
@@ -50,6 +61,35 @@ def test_early_stopping_keeps_best_weights(study) -> None:
     assert result.best_epoch == 1 + losses.index(min(losses))
     for k, v in states[result.best_epoch].items():
         assert torch.equal(result.best_state[k], v)
+
+
+def test_min_epochs_and_kept_epochs_hold_off_early_stopping(study) -> None:
+    data, norm = _setup(study)
+    noisy_val = Split(data.val.images, data.val.labels[torch.randperm(len(data.val), generator=torch.Generator().manual_seed(0))])
+    cfg = replace(study.train, max_epochs=8, patience=1, lr=0.2)
+    free = fit(build_model(study.model, data.num_classes, 0), data.train, noisy_val, norm, cfg, seed=0)
+    assert free.stopped_early and len(free.history) < 5
+    held = fit(build_model(study.model, data.num_classes, 0), data.train, noisy_val, norm,
+               replace(cfg, min_epochs=6), seed=0)
+    kept = fit(build_model(study.model, data.num_classes, 0), data.train, noisy_val, norm, cfg, seed=0,
+               keep_epochs=[5])
+    assert len(held.history) >= 6 and len(kept.history) >= 5 and 5 in kept.kept
+
+
+def test_torn_checkpoint_starts_over(study, tmp_path: Path) -> None:
+    # killed between writing epoch 2's tensors and its JSON: the JSON still names epoch 1
+    data, norm = _setup(study)
+    cfg = replace(study.train, max_epochs=3, patience=5)
+    ckpt = tmp_path / "ck.safetensors"
+    _fit_until_killed(study, data, norm, cfg, ckpt, after=1)
+    info_epoch1 = ckpt.with_suffix(".json").read_bytes()
+    _fit_until_killed(study, data, norm, cfg, ckpt, after=2)
+    ckpt.with_suffix(".json").write_bytes(info_epoch1)
+    rerun = fit(build_model(study.model, data.num_classes, 0), data.train, data.val, norm, cfg, seed=1,
+                checkpoint=ckpt)
+    clean = fit(build_model(study.model, data.num_classes, 0), data.train, data.val, norm, cfg, seed=1)
+    assert (rerun.resumed_from, rerun.epochs_trained) == (0, 3)
+    assert all(torch.equal(clean.best_state[k], rerun.best_state[k]) for k in clean.best_state)
 
 
 def test_mask_enforced_and_deterministic(study) -> None:
