@@ -21,7 +21,7 @@ from lth.training.checkpoint import Checkpoint
 from lth.training.epoch import State
 from lth.training.metrics import EpochMetrics
 from lth.training.schedule import LrSchedule
-from lth.training.state import start, step
+from lth.training.state import FitState, start, step
 
 
 @dataclass
@@ -40,6 +40,17 @@ class FitResult:
     def best(self) -> EpochMetrics | None:
         """Metrics of the best epoch (None when the best weights are the initial ones)."""
         return next((m for m in self.history if m.epoch == self.best_epoch), None)
+
+
+def _announce(state: FitState, cap: int, on_resume: Callable[[int, int], None] | None,
+              on_epoch: Callable[[EpochMetrics], None] | None) -> None:
+    """Tell the caller a checkpoint was resumed, and replay its epochs: the killed try may not have logged
+    its last ones, and the caller's run gets the whole curve."""
+    if on_resume is not None:
+        on_resume(state.epoch, cap)
+    if on_epoch is not None:
+        for m in state.history:
+            on_epoch(m)
 
 
 def fit(
@@ -73,12 +84,7 @@ def fit(
     state = start(model, cfg, mask=mask, lr=schedule.base, keep=keep)
     ckpt = Checkpoint(checkpoint, schedule.settings()) if checkpoint is not None else None
     if ckpt is not None and ckpt.restore(state):
-        if on_resume is not None:
-            on_resume(state.epoch, cap)
-        if on_epoch is not None:
-            # The killed try may not have logged its last epochs; the caller's run gets the whole curve.
-            for m in state.history:
-                on_epoch(m)
+        _announce(state, cap, on_resume, on_epoch)
     bar = tqdm(total=cap, initial=state.epoch, desc=desc, unit="ep", leave=False, dynamic_ncols=True, disable=None)
     while not state.done and state.epoch < cap:
         m = step(state, train, val, norm, cfg, seed=seed, lr=schedule.lr(state.epoch + 1))
