@@ -9,7 +9,7 @@ from torch import nn
 from benchmarks.common import interleaved, median, report
 from lth.config import ModelConfig
 from lth.models import build_model
-from lth.optim import MaskedSGD
+from lth.training.optim import MaskedSGD
 
 BATCH, CROP, STEPS = 64, 224, 10
 

@@ -19,7 +19,7 @@ from torch.nn.utils import prune as tprune
 from benchmarks.common import interleaved, median, paired_ratio, report
 from lth.config import ModelConfig
 from lth.models import build_model
-from lth.optim import MaskedSGD
+from lth.training.optim import MaskedSGD
 from lth.pruning import MaskEnforcer, full_mask, prunable_names, prune_global
 
 SGD = dict(lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)

@@ -20,3 +20,19 @@ def study(tmp_path: Path) -> Params:
     make_dataset(Path(params.paths.data), "fashion-mnist", 4, seed=1)
     make_dataset(Path(params.paths.data), "digits", 3, seed=2)
     return params
+
+
+@pytest.fixture
+def trained_epochs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(seed, epoch) of every training pass this process runs from now on: what was trained, not replayed."""
+    import lth.training.state as state
+
+    calls: list[tuple[int, int]] = []
+    real = state.train_pass
+
+    def counting(*args, seed: int, epoch: int, **kwargs):
+        calls.append((seed, epoch))
+        return real(*args, seed=seed, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(state, "train_pass", counting)
+    return calls

@@ -5,6 +5,7 @@ Test files import from here (never from each other); conftest.py holds the fixtu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ import yaml
 from lth.config import Params, params_from_dict
 from lth.data.store import write_prepared
 from lth.report.tables import COLUMNS
+from lth.tracking import NullRun, NullTracker
 
 BIN = Path(sys.executable).parent
 
@@ -91,6 +93,33 @@ def make_dataset(data_root: Path, name: str, num_classes: int, sizes=(96, 32, 32
 def write_toy(data_root: Path, name: str = "toy", seed: int = 0) -> None:
     """The 'toy' dataset of tiny_params: 3 classes, 48/24/24 images of 12 px."""
     make_dataset(data_root, name, 3, sizes=(48, 24, 24), seed=seed)
+
+
+# ---------------------------------------------------------------- a kill in the middle of a fit
+
+
+class Killed(Exception):
+    """Stands in for a SIGKILL in-process: raised while an epoch is logged, after that epoch's checkpoint."""
+
+
+class _DyingRun(NullRun):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def log_metrics(self, metrics, step: int | None = None) -> None:
+        if step == self.epoch:
+            raise Killed(f"killed after epoch {step}")
+
+
+class KillAtEpoch(NullTracker):
+    """A tracker whose child runs with `part` in their name die once epoch `epoch` is logged."""
+
+    def __init__(self, part: str, epoch: int) -> None:
+        self.part, self.epoch = part, epoch
+
+    @contextlib.contextmanager
+    def child(self, parent, run_name: str, *, params, tags) -> Iterator[NullRun]:
+        yield _DyingRun(self.epoch) if self.part in run_name else NullRun()
 
 
 # ---------------------------------------------------------------- the real `lth` executable

@@ -40,6 +40,15 @@ def test_shipped_params_validate() -> None:
         ({"train": {"crop_size": 40}, "prepare": {"image_size": 32}}, "train.crop_size", "image_size"),
         ({"tune": {"lr_range": [0.1, 0.01]}}, "tune.lr_range", "low < high"),
         ({"imp": {"seeds": 3}}, "imp.seeds", "must be a list"),
+        ({"train": {"lr_schedule": "linear"}}, "train.lr_schedule", "one of"),
+        ({"train": {"lr_schedule": "step"}}, "train.lr_anneal_epochs", "must list the epochs"),
+        ({"train": {"lr_anneal_epochs": [5]}}, "train.lr_anneal_epochs", "only used by lr_schedule: step"),
+        ({"train": {"lr_schedule": "step", "lr_anneal_epochs": [9, 4]}}, "train.lr_anneal_epochs", "increasing"),
+        ({"train": {"lr_schedule": "step", "lr_anneal_epochs": [0]}}, "train.lr_anneal_epochs", ">= 1"),
+        ({"train": {"lr_schedule": "step", "lr_anneal_epochs": [40], "max_epochs": 30}}, "train.lr_anneal_epochs",
+         "below max_epochs"),
+        ({"train": {"lr_schedule": "step", "lr_anneal_epochs": [5], "lr_anneal_factor": 1.5}},
+         "train.lr_anneal_factor", "(0, 1)"),
     ],
 )
 def test_bad_values_name_the_key(raw: dict, key: str, words: str) -> None:
@@ -59,6 +68,13 @@ def test_defaults_and_frozen() -> None:
         params.train.lr = 1.0  # type: ignore[misc]
     flat = flatten(params.train, "train")
     assert flat["train.lr"] == params.train.lr and flat["train.batch_size"] == 64
+    # the schedule reaches MLflow under the params.yaml names (constant: today's behaviour, the default)
+    assert flat["train.lr_schedule"] == "constant" and "train.lr_anneal_epochs" in flat
+    step = params_from_dict({"prepare": {"datasets": {"digits": {}}},
+                             "train": {"lr_schedule": "step", "lr_anneal_epochs": [3, 6], "lr_anneal_factor": 0.5}})
+    flat = flatten(step.train, "train")
+    assert (flat["train.lr_schedule"], flat["train.lr_anneal_factor"]) == ("step", 0.5)
+    assert list(flat["train.lr_anneal_epochs"]) == [3, 6]
 
 
 def test_missing_and_invalid_yaml(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"lth", "lth.errors", "lth.validation", "lth.fsutil"},  # lth: the root __init__, the version only
     {"lth.config"},
     {"lth.data"},
-    {"lth.provenance", "lth.models", "lth.optim", "lth.tickets"},
+    {"lth.provenance", "lth.models", "lth.tickets"},
     {"lth.pruning"},
     {"lth.training"},
     {"lth.tracking"},  # the port: no MLflow

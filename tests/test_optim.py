@@ -7,7 +7,7 @@ import torch
 
 from lth.config import ModelConfig
 from lth.models import build_model
-from lth.optim import MaskedSGD
+from lth.training.optim import MaskedSGD
 from lth.pruning import MaskEnforcer, full_mask, prunable_names, prune_global
 
 

@@ -26,6 +26,15 @@ def test_roundtrip(tmp_path: Path) -> None:
     assert set(t.meta.sha256) == {"weights.safetensors", "mask.safetensors", "trained.safetensors"}
 
 
+def test_mask_comes_back_in_the_prunable_order(tmp_path: Path) -> None:
+    names = ("layer3.w", "conv1.w", "layer1.w", "fc1.w", "layer2.w", "b.w", "a.w", "z.w")
+    meta = TicketMeta(source="s", arch="a", seed=0, round=1, sparsity=0.0, rewind_epoch=0, num_classes=3,
+                      prunable=names, pruning_rate=0.2)
+    weights = {n: torch.ones(2) for n in names}
+    ticket = load_ticket(save_ticket(tmp_path / "t", meta, weights, {n: torch.ones(2, dtype=torch.bool) for n in names}))
+    assert tuple(ticket.mask) == names
+
+
 def test_tampered_bytes_are_refused(tmp_path: Path) -> None:
     d = _ticket(tmp_path)
     data = bytearray((d / WEIGHTS).read_bytes())

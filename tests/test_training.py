@@ -1,17 +1,19 @@
-"""fit(): early stopping keeps the best-validation weights, masks hold, same seed -> same bytes, resume."""
+"""fit(): early stopping keeps the best-validation weights, masks hold, same seed -> same bytes, resume, lr schedule."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
+from helpers import Killed
 
 from lth.data.loader import Normalizer, crop_batch, train_batches
 from lth.data.store import Split, load_prepared
 from lth.models import build_model
 from lth.pruning import full_mask, prune_global
-from lth.training import EpochMetrics, fit
+from lth.training import EpochMetrics, LrSchedule, fit
 
 
 def _setup(study):
@@ -23,11 +25,22 @@ def test_learns_and_returns_history(study) -> None:
     data, norm = _setup(study)
     cfg = replace(study.train, max_epochs=4, patience=10)
     model = build_model(study.model, data.num_classes, 0)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
     seen: list[EpochMetrics] = []
-    result = fit(model, data.train, data.val, norm, cfg, seed=0, on_epoch=seen.append, keep_epochs=[0, 2])
+    states = {}
+
+    def record(m: EpochMetrics) -> None:
+        seen.append(m)
+        states[m.epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    result = fit(model, data.train, data.val, norm, cfg, seed=0, on_epoch=record, keep_epochs=[0, 2])
     assert [m.epoch for m in result.history] == [1, 2, 3, 4] == [m.epoch for m in seen]
     assert result.history[-1].train_loss < result.history[0].train_loss
+    # the kept rewind points are the weights as they were after 0 and 2 epochs
     assert set(result.kept) == {0, 2}
+    assert all(torch.equal(result.kept[0][k], initial[k]) for k in initial)
+    assert all(torch.equal(result.kept[2][k], states[2][k]) for k in initial)
+    assert not all(torch.equal(result.kept[2][k], states[4][k]) for k in initial)
     best = min(result.history, key=lambda m: m.val_loss)
     assert result.best_epoch == best.epoch
 
@@ -50,6 +63,35 @@ def test_early_stopping_keeps_best_weights(study) -> None:
         assert torch.equal(result.best_state[k], v)
 
 
+def test_min_epochs_and_kept_epochs_hold_off_early_stopping(study) -> None:
+    data, norm = _setup(study)
+    noisy_val = Split(data.val.images, data.val.labels[torch.randperm(len(data.val), generator=torch.Generator().manual_seed(0))])
+    cfg = replace(study.train, max_epochs=8, patience=1, lr=0.2)
+    free = fit(build_model(study.model, data.num_classes, 0), data.train, noisy_val, norm, cfg, seed=0)
+    assert free.stopped_early and len(free.history) < 5
+    held = fit(build_model(study.model, data.num_classes, 0), data.train, noisy_val, norm,
+               replace(cfg, min_epochs=6), seed=0)
+    kept = fit(build_model(study.model, data.num_classes, 0), data.train, noisy_val, norm, cfg, seed=0,
+               keep_epochs=[5])
+    assert len(held.history) >= 6 and len(kept.history) >= 5 and 5 in kept.kept
+
+
+def test_torn_checkpoint_starts_over(study, tmp_path: Path) -> None:
+    # killed between writing epoch 2's tensors and its JSON: the JSON still names epoch 1
+    data, norm = _setup(study)
+    cfg = replace(study.train, max_epochs=3, patience=5)
+    ckpt = tmp_path / "ck.safetensors"
+    _fit_until_killed(study, data, norm, cfg, ckpt, after=1)
+    info_epoch1 = ckpt.with_suffix(".json").read_bytes()
+    _fit_until_killed(study, data, norm, cfg, ckpt, after=2)
+    ckpt.with_suffix(".json").write_bytes(info_epoch1)
+    rerun = fit(build_model(study.model, data.num_classes, 0), data.train, data.val, norm, cfg, seed=1,
+                checkpoint=ckpt)
+    clean = fit(build_model(study.model, data.num_classes, 0), data.train, data.val, norm, cfg, seed=1)
+    assert (rerun.resumed_from, rerun.epochs_trained) == (0, 3)
+    assert all(torch.equal(clean.best_state[k], rerun.best_state[k]) for k in clean.best_state)
+
+
 def test_mask_enforced_and_deterministic(study) -> None:
     data, norm = _setup(study)
     model = build_model(study.model, data.num_classes, 0)
@@ -61,28 +103,73 @@ def test_mask_enforced_and_deterministic(study) -> None:
     assert all(torch.equal(a.best_state[k], b.best_state[k]) for k in a.best_state)
 
 
-def test_resume_from_checkpoint_is_identical(study, tmp_path: Path) -> None:
+SCHEDULES = {
+    "constant": {},
+    "step": {"lr_schedule": "step", "lr_anneal_epochs": (2,), "lr_anneal_factor": 0.1},
+    "cosine": {"lr_schedule": "cosine"},
+}
+
+
+def _fit_until_killed(study, data, norm, cfg, ckpt: Path, after: int, **kw) -> None:
+    def die(m: EpochMetrics) -> None:
+        if m.epoch == after:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(build_model(study.model, data.num_classes, 0), data.train, data.val, norm, cfg, seed=1,
+            checkpoint=ckpt, on_epoch=die, **kw)
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+def test_resume_trains_only_the_remaining_epochs(study, tmp_path: Path, schedule: str) -> None:
     data, norm = _setup(study)
-    cfg = replace(study.train, max_epochs=3, patience=5)
+    cfg = replace(study.train, max_epochs=3, patience=5, **SCHEDULES[schedule])
     full = fit(build_model(study.model, data.num_classes, 0), data.train, data.val, norm, cfg, seed=1)
     ckpt = tmp_path / "ck.safetensors"
-
-    class Kill(Exception):
-        pass
-
-    def die_after_2(m: EpochMetrics) -> None:
-        if m.epoch == 2:
-            raise Kill
-
-    try:
-        fit(build_model(study.model, data.num_classes, 0), data.train, data.val, norm, cfg, seed=1,
-            checkpoint=ckpt, on_epoch=die_after_2)
-    except Kill:
-        pass
+    _fit_until_killed(study, data, norm, cfg, ckpt, after=2)
+    resumes: list[tuple[int, int]] = []
     resumed = fit(build_model(study.model, data.num_classes, 0), data.train, data.val, norm, cfg, seed=1,
-                  checkpoint=ckpt)
+                  checkpoint=ckpt, on_resume=lambda done, cap: resumes.append((done, cap)))
+    # this call trained epoch 3 only, at the schedule's epoch-3 rate: the same bits as the fit never killed
+    assert (resumed.resumed_from, resumed.epochs_trained, resumes) == (2, 1, [(2, 3)])
+    assert (full.resumed_from, full.epochs_trained) == (0, 3)
     assert [m.epoch for m in resumed.history] == [1, 2, 3]
+    assert [m.val_loss for m in resumed.history] == [m.val_loss for m in full.history]
     assert all(torch.equal(full.best_state[k], resumed.best_state[k]) for k in full.best_state)
+
+
+def test_checkpoint_of_another_schedule_starts_over(study, tmp_path: Path) -> None:
+    data, norm = _setup(study)
+    cfg = replace(study.train, max_epochs=3, patience=5)
+    cosine = replace(cfg, **SCHEDULES["cosine"])
+    ckpt = tmp_path / "ck.safetensors"
+    _fit_until_killed(study, data, norm, cfg, ckpt, after=2)
+    rerun = fit(build_model(study.model, data.num_classes, 0), data.train, data.val, norm, cosine, seed=1,
+                checkpoint=ckpt)
+    clean = fit(build_model(study.model, data.num_classes, 0), data.train, data.val, norm, cosine, seed=1)
+    assert (rerun.resumed_from, rerun.epochs_trained) == (0, 3)
+    assert all(torch.equal(clean.best_state[k], rerun.best_state[k]) for k in clean.best_state)
+    # the same for a changed base rate (a fine-tune's transfer.lr)
+    _fit_until_killed(study, data, norm, cfg, ckpt, after=1)
+    other_lr = fit(build_model(study.model, data.num_classes, 0), data.train, data.val, norm, cfg, seed=1,
+                   checkpoint=ckpt, lr=cfg.lr / 2)
+    assert (other_lr.resumed_from, other_lr.epochs_trained) == (0, 3)
+
+
+def test_lr_schedules_set_each_epochs_rate(study) -> None:
+    base = replace(study.train, max_epochs=4)
+    rates = {name: [LrSchedule.from_config(replace(base, **kw), 0.1, 4).lr(e) for e in range(1, 5)]
+             for name, kw in SCHEDULES.items()}
+    assert rates["constant"] == [0.1] * 4
+    assert rates["step"] == pytest.approx([0.1, 0.1, 0.01, 0.01])
+    assert rates["cosine"] == pytest.approx([0.1, 0.1 * (1 + 2**-0.5) / 2, 0.05, 0.1 * (1 - 2**-0.5) / 2])
+    # and fit() trains with them: the step schedule leaves epochs 1-2 as they were and changes epoch 3
+    data, norm = _setup(study)
+    cfg = replace(study.train, max_epochs=3, patience=5)
+    runs = {name: fit(build_model(study.model, data.num_classes, 0), data.train, data.val, norm,
+                      replace(cfg, **SCHEDULES[name]), seed=1).history for name in ("constant", "step")}
+    assert [m.train_loss for m in runs["step"][:2]] == [m.train_loss for m in runs["constant"][:2]]
+    assert runs["step"][2].val_loss != runs["constant"][2].val_loss
 
 
 def test_batches_depend_only_on_seed_and_epoch(study) -> None:

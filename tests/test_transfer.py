@@ -7,13 +7,15 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 import torch
+from helpers import KillAtEpoch, Killed
 
 from lth.config import RelatedPair
 from lth.data.store import load_prepared
 from lth.errors import UserError
 from lth.study.imp import make_job, run_imp
 from lth.tickets import load_ticket, ticket_dir
-from lth.study.transfer import FineTune, initial_network, plan, results_csv, run_transfer
+from lth.study.transfer import FineTune, initial_network, plan, results_csv, run_finetune, run_transfer
+from lth.tracking import NullRun, NullTracker
 
 
 @pytest.fixture
@@ -58,7 +60,7 @@ def test_trained_uses_fully_trained_weights_under_the_mask(tickets) -> None:
         assert not torch.equal(state[name], t.weights[name])
 
 
-def test_run_transfer_rows_and_resume(tickets) -> None:
+def test_run_transfer_rows_and_resume(tickets, trained_epochs) -> None:
     csv = run_transfer("digits", tickets, arms=("scratch", "transfer", "reinit", "target", "trained", "size"))
     df = pd.read_csv(csv)
     counts = df.groupby("arm").size().to_dict()
@@ -69,8 +71,26 @@ def test_run_transfer_rows_and_resume(tickets) -> None:
     assert (df[df.arm == "size"].size_fraction == 0.5).all()
     before = csv.read_bytes()
     # a rerun finds every fine-tune done and rebuilds the same table without training
+    del trained_epochs[:]
     run_transfer("digits", tickets, arms=("scratch", "transfer", "reinit", "target", "trained", "size"))
     assert csv.read_bytes() == before
+    assert trained_epochs == []
+
+
+def test_killed_finetune_resumes_where_it_stopped(study, trained_epochs, capsys) -> None:
+    # cosine over the fine-tune's own cap, from transfer.lr: the resumed epochs need the same rates
+    params = replace(study, train=replace(study.train, lr_schedule="cosine"),
+                     transfer=replace(study.transfer, lr=0.03, max_epochs=3))
+    data = load_prepared(params.paths.data, "digits")
+    ft = FineTune("digits", "scratch", "", 0, 0)
+    clean = run_finetune(ft, data, params, NullTracker(), NullRun())
+    with pytest.raises(Killed):
+        run_finetune(ft, data, params, KillAtEpoch("scratch", 1), NullRun())
+    del trained_epochs[:]
+    resumed = run_finetune(ft, data, params, NullTracker(), NullRun())
+    assert [e for _, e in trained_epochs] == list(range(2, clean["epochs"] + 1)) and clean["epochs"] >= 2
+    assert "resuming transfer digits scratch - s0 r00 after epoch 1/3" in capsys.readouterr().err
+    assert {k: v for k, v in resumed.items() if k != "seconds"} == {k: v for k, v in clean.items() if k != "seconds"}
 
 
 def test_missing_tickets_and_unprepared_target(study) -> None:

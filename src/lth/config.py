@@ -89,6 +89,9 @@ class TrainConfig:
 
     batch_size: int = 64  # paper: 64
     lr: float = 0.01  # not in the paper's text (lost); tuned by `lth tune`
+    lr_schedule: Literal["constant", "step", "cosine"] = "constant"  # rate per epoch (paper: annealed, values lost)
+    lr_anneal_epochs: tuple[int, ...] = ()  # step: after each of these epochs the rate is multiplied by the factor
+    lr_anneal_factor: float = 0.1  # step: that factor, in (0, 1)
     momentum: float = 0.9  # paper: Nesterov momentum 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4  # lost from the paper; 1e-4 is the usual value
@@ -106,6 +109,16 @@ class TrainConfig:
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(0 < self.lr <= 10, "lr", "must be in (0, 10]")
         check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        check(self.lr_schedule != "step" or len(self.lr_anneal_epochs) > 0, "lr_anneal_epochs",
+              "must list the epochs after which lr_schedule: step anneals (e.g. [15, 30])")
+        check(self.lr_schedule == "step" or not self.lr_anneal_epochs, "lr_anneal_epochs",
+              f"is only used by lr_schedule: step (it is {self.lr_schedule}); remove it or set lr_schedule: step")
+        check(all(e >= 1 for e in self.lr_anneal_epochs)
+              and list(self.lr_anneal_epochs) == sorted(set(self.lr_anneal_epochs)),
+              "lr_anneal_epochs", "must be increasing epoch numbers >= 1")
+        check(all(e < self.max_epochs for e in self.lr_anneal_epochs), "lr_anneal_epochs",
+              f"must be below max_epochs ({self.max_epochs}): a later annealing never happens")
+        check(0 < self.lr_anneal_factor < 1, "lr_anneal_factor", "must be in (0, 1)")
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         check(self.max_epochs >= 1, "max_epochs", "must be >= 1")
         check(0 <= self.min_epochs <= self.max_epochs, "min_epochs", "must be in [0, max_epochs]")

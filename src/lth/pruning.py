@@ -52,7 +52,7 @@ def prune_global(weights: Mapping[str, torch.Tensor], mask: Mask, rate: float) -
         size = mask[n].numel()
         new_mask[n] = keep_flat[offset : offset + size].view_as(mask[n]).clone()
         offset += size
-    return new_mask
+    return {n: new_mask[n] for n in mask}  # the caller's (the model's) order
 
 
 def apply_mask(state: Mapping[str, torch.Tensor], mask: Mask) -> dict[str, torch.Tensor]:

@@ -84,7 +84,7 @@ def save_ticket(
             (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
         files = [WEIGHTS, MASK] + ([TRAINED] if trained is not None else [])
         checks = {f: sha256_file(tmp / f) for f in files}
-        full = asdict(meta) | {"sha256": checks, "prunable": sorted(meta.prunable)}
+        full = asdict(meta) | {"sha256": checks, "prunable": list(meta.prunable)}
         (tmp / TICKET_JSON).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
     return directory
 
@@ -126,6 +126,9 @@ def load_ticket(directory: str | Path, *, with_trained: bool = False) -> Ticket:
     trained = _load_tensors(directory / TRAINED, meta.sha256.get(TRAINED)) if with_trained else None
     if set(mask) != set(meta.prunable):
         raise UserError(f"{directory / MASK}: mask names do not match the prunable weights in {TICKET_JSON}")
+    # safetensors hands names back in a per-process random order; the next round's pruning (its tie-break by
+    # position) and its ticket.json's `prunable` list must not depend on it
+    mask = {name: mask[name] for name in meta.prunable}
     for name, m in mask.items():
         if name not in weights or weights[name].shape != m.shape:
             raise UserError(f"{directory}: mask and weights disagree on {name!r} (shape or missing weight)")

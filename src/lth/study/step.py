@@ -8,12 +8,14 @@ and the names differ; they are the caller's.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from lth.config import Params
 from lth.data.loader import Normalizer
@@ -23,6 +25,11 @@ from lth.tracking import Run, Tracker
 from lth.training import EpochMetrics, FitResult, evaluate, fit
 
 T = TypeVar("T")
+
+
+def announce_resume(name: str) -> Callable[[int, int], None]:
+    """fit()'s on_resume: one line on stderr, so a user sees a killed fit go on instead of starting over."""
+    return lambda done, cap: tqdm.write(f"resuming {name} after epoch {done}/{cap}", file=sys.stderr)
 
 
 def end_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -76,7 +83,8 @@ def run_step(tracker: Tracker, parent: Run, model: nn.Module, data: PreparedData
         try:
             result = fit(model, data.train, data.val, norm, params.train, seed=step.seed, mask=step.mask,
                          keep_epochs=step.keep_epochs, on_epoch=log_epoch, desc=step.name,
-                         checkpoint=step.checkpoint, lr=step.lr, max_epochs=step.max_epochs)
+                         checkpoint=step.checkpoint, lr=step.lr, max_epochs=step.max_epochs,
+                         on_resume=announce_resume(step.name))
         except stops as exc:
             stopped = exc
             out = save(run, None)
