@@ -54,3 +54,47 @@ def transfer_cmd(target: str, arms: tuple[str, ...], params_path: str) -> None:
             raise UserError(f"unknown arm {arm!r} (--arm); choose from {', '.join(ARMS)}")
     csv = run_transfer(target, params, _tracker(params), arms=arms or None)
     click.echo(f"transfer {target}: results in {csv}")
+
+
+@click.group("study")
+def study() -> None:
+    """The whole study as one plan of units (prepare, IMP rounds, fine-tunes, results, report)."""
+
+
+@study.command("run")
+@click.option("--engine", "engine", type=click.Choice(["local", "ray"]), default=None,
+              help="Executor (default: engine.kind in params.yaml).")
+@click.option("--address", default=None, help="Ray cluster host:port (default: engine.address).")
+@PARAMS_OPTION
+def study_run(engine: str | None, address: str | None, params_path: str) -> None:
+    """Run every unit of the study not done yet, locally or as Ray tasks, then the report."""
+    from dataclasses import replace
+
+    from lth.data.prepare import prepare_dataset
+    from lth.report.build import build_report
+    from lth.study.plan import build_plan
+
+    params = load_params(Path(params_path))
+    params = replace(params, engine=replace(params.engine, kind=engine or params.engine.kind,
+                                            address=address or params.engine.address))
+    plan = build_plan(params)
+    if params.engine.kind == "local":
+        from lth.study.engine import run_local
+
+        run_local(params, _tracker(params), plan)
+    else:
+        from lth.study.ray_engine import RayDriver
+
+        driver = RayDriver(params, lambda unit, p: prepare_dataset(unit.dataset, p))
+        driver.connect(params.engine.address)
+        try:
+            sched = driver.run(plan)
+        finally:
+            driver.shutdown()
+        failed = [r for r in sched.records.values() if r.state == "failed"]
+        if failed:
+            raise SystemExit(
+                f"lth: study: {len(failed)} unit(s) failed after retries, e.g. {failed[0].key}: {failed[0].error} "
+                f"(see {Path(params.paths.results) / 'study' / 'units.csv'}; rerun to retry only those)")
+    index = build_report(params)
+    click.echo(f"study done: report -> {index}")

@@ -1,0 +1,207 @@
+"""The Ray executor, the one module that imports ray: every training unit of the plan is a Ray task.
+
+The driver (this process) prepares data and writes every file; workers get their inputs as values
+(prepared splits and tickets through Ray's object store) and return their outputs as bytes. IMP rounds
+are submitted the moment they are ready and fine-tunes are capped (engine.Scheduler), so the IMP chains,
+the critical path, never queue behind fine-tunes; a fine-tune of round r starts once round r's ticket is
+written. Retries are the driver's (a dead worker's unit is submitted again), so each attempt is counted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from lth.config import EngineConfig, Params
+from lth.errors import UserError
+from lth.study.engine import (
+    Files, Scheduler, UnitResult, dataset_files, finish_results, progress_line, read_files, run_unit, show,
+    unit_inputs, write_outputs, write_record,
+)
+from lth.study.plan import TRAINING, Unit, build_plan, is_done
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+INSTALL = "pip install 'ray==2.60.0' (the version requirements.lock pins)"
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UserError(f"engine.kind ray: ray is not installed; {INSTALL}") from None
+    return ray
+
+
+def is_local(address: str | None) -> bool:
+    """Whether a cluster address is this host's loopback (None: a Ray the driver starts itself)."""
+    if address is None:
+        return True
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    if host in LOCAL_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_address(address: str | None) -> None:
+    """Fail in seconds, not after Ray's minutes of retries, when the head is not there or not ours to drive."""
+    if address is None:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"engine.address / --address {address!r}: expected host:port of `ray start --head`")
+    if not is_local(address):
+        token = os.environ.get("RAY_AUTH_TOKEN") or _token_file()
+        if os.environ.get("RAY_AUTH_MODE") != "token" or not token:
+            raise UserError(f"--address {address}: a cluster beyond this host runs any code its clients send; "
+                            "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (a file only you can read) "
+                            "as on its `ray start`")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+            pass
+    except OSError as exc:
+        raise UserError(f"--address {address}: no Ray head answers there ({exc.strerror or exc}); "
+                        "start one with `ray start --head --port PORT` or fix engine.address") from None
+
+
+def _token_file() -> bool:
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    return path.is_file() and path.stat().st_size > 0
+
+
+def _demand(kind: str, engine: EngineConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) a training unit of `kind` asks for."""
+    if kind == "finetune":
+        return engine.finetune_cpus, engine.finetune_gpus
+    return engine.imp_cpus, engine.imp_gpus
+
+
+def check_fits(nodes: list[dict], engine: EngineConfig, kinds: set[str]) -> None:
+    """A unit no node can hold would wait forever in Ray's queue: say so before any training."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    for kind in sorted(kinds):
+        cpus, gpus = _demand(kind, engine)
+        if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in alive):
+            prefix = "finetune" if kind == "finetune" else "imp"
+            biggest = max(((r.get("CPU", 0), r.get("GPU", 0)) for r in alive), default=(0, 0))
+            raise UserError(f"engine.{prefix}_cpus={cpus:g} / engine.{prefix}_gpus={gpus:g}: no node of the "
+                            f"cluster has that much (largest: {biggest[0]:g} CPUs, {biggest[1]:g} GPUs); "
+                            "lower them or add a bigger node")
+
+
+def _task(unit: Unit, params: Params, data: Files, extra: Files, *tickets: Files) -> UnitResult:
+    """A worker's side: run the unit in its own scratch project and return its files."""
+    import ray
+
+    gpu = ",".join(str(i) for i in ray.get_gpu_ids())
+    inputs = {**data, **extra}
+    for ticket in tickets:
+        inputs |= ticket
+    return run_unit(unit, params, inputs, gpu=gpu)
+
+
+class RayDriver:
+    """Runs the plan's training units as Ray tasks; the rest (prepare, results) here, in plan order."""
+
+    def __init__(self, params: Params, prepare: Callable[[Unit, Params], None]) -> None:
+        self.params = params
+        self.engine = params.engine
+        self.prepare = prepare
+        self.ray = _import_ray()
+        self._data: dict[str, Any] = {}  # dataset -> object ref of its files (sent once)
+        self._tickets: dict[Path, Any] = {}  # ticket dir -> object ref (sent once, shared by its fine-tunes)
+        # max_calls=0: a GPU task's process is reused (Ray's default starts one per task, seconds each);
+        # retries are ours (Scheduler.errored), so each attempt is counted in the record.
+        self._remote = self.ray.remote(max_retries=0, max_calls=0)(_task)
+
+    def connect(self, address: str | None) -> None:
+        """Join the cluster at `address`, or start a Ray of this host's CPUs when None."""
+        check_address(address)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled" if is_local(address) else "token")
+        self.ray.init(address=address, log_to_driver=False, include_dashboard=False, logging_level="ERROR",
+                      configure_logging=False) if address else self.ray.init(
+            log_to_driver=False, include_dashboard=False, logging_level="ERROR")
+
+    def _submit(self, unit: Unit) -> Any:
+        if unit.dataset not in self._data:
+            self._data[unit.dataset] = self.ray.put(dataset_files(unit.dataset, self.params))
+        extra: Files = {}
+        tickets = []
+        for path in unit_inputs(unit, self.params):
+            if path.is_dir():  # a ticket: sent once to the object store, shared by every unit that reads it
+                if path not in self._tickets:
+                    self._tickets[path] = self.ray.put(read_files(path, self.params))
+                tickets.append(self._tickets[path])
+            else:
+                extra |= read_files(path, self.params)
+        cpus, gpus = _demand(unit.kind, self.engine)
+        return self._remote.options(num_cpus=cpus, num_gpus=gpus, name=f"lth {unit.key}").remote(
+            unit, self.params, self._data[unit.dataset], extra, *tickets)
+
+    def _release(self, unit: Unit) -> None:
+        for path in unit_inputs(unit, self.params):
+            self._uses[path] -= 1
+            if self._uses[path] <= 0:
+                self._tickets.pop(path, None)
+
+    def slots(self) -> int:
+        """Fine-tunes the cluster holds at once (the cap on those queued)."""
+        if self.engine.finetunes_in_flight:
+            return self.engine.finetunes_in_flight
+        res = self.ray.cluster_resources()
+        cpus, gpus = _demand("finetune", self.engine)
+        by_cpu = int(res.get("CPU", 1) // cpus)
+        return max(1, min(by_cpu, int(res.get("GPU", 0) // gpus)) if gpus else by_cpu)
+
+    def run(self, plan: list[Unit] | None = None) -> Scheduler:
+        """Run every unit not done yet; returns the scheduler's records (failed units included)."""
+        plan = plan or build_plan(self.params)
+        plan = [u for u in plan if u.kind != "report"]  # the CLI builds the report (study does not import report)
+        check_fits(self.ray.nodes(), self.engine, {u.kind for u in plan if u.kind in TRAINING})
+        sched = Scheduler(plan, self.slots(), self.engine.max_retries)
+        sched.mark_done_before({u.key for u in plan if is_done(u, self.params)})
+        # How many units still read each ticket: its object-store copy is dropped after the last one.
+        self._uses = Counter(p for u in plan if u.kind in TRAINING and sched.records[u.key].state == "waiting"
+                             for p in unit_inputs(u, self.params))
+        started, last_record = time.time(), 0.0
+        inflight: dict[Any, Unit] = {}
+        while True:
+            for unit in sched.next_units():
+                if unit.kind in TRAINING:
+                    inflight[self._submit(unit)] = unit
+                    continue
+                (self.prepare if unit.kind == "prepare" else finish_results)(unit, self.params)
+                sched.succeeded(unit.key, start=time.time(), end=time.time())
+            if not inflight:
+                if sched.finished_all():
+                    break
+                continue
+            ready, _ = self.ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                unit = inflight.pop(ref)
+                try:
+                    result: UnitResult = self.ray.get(ref)
+                except (self.ray.exceptions.RayError, OSError) as exc:
+                    sched.errored(unit.key, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                else:
+                    write_outputs(unit, result.files, self.params)
+                    self._release(unit)
+                    sched.succeeded(unit.key, result.host, result.gpu, result.start, result.end)
+                show(progress_line(sched, started))
+            if time.time() - last_record > 5:
+                write_record(sched, self.params)
+                last_record = time.time()
+        write_record(sched, self.params)
+        show(progress_line(sched, started), final=True)
+        return sched
+
+    def shutdown(self) -> None:
+        """Leave the cluster (a Ray this driver started stops with it)."""
+        self.ray.shutdown()
