@@ -72,12 +72,15 @@ def study_run(engine: str | None, address: str | None, params_path: str) -> None
 
     from lth.data.prepare import prepare_dataset
     from lth.report.build import build_report
-    from lth.study.plan import build_plan
+    from lth.study.plan import build_plan, missing_inputs
 
     params = load_params(Path(params_path))
     params = replace(params, engine=replace(params.engine, kind=engine or params.engine.kind,
                                             address=address or params.engine.address))
     plan = build_plan(params)
+    missing = missing_inputs(plan, params)
+    if missing:
+        raise UserError(f"{missing[0]} (missing): raise imp.rounds or narrow transfer.rounds")
     if params.engine.kind == "local":
         from lth.study.engine import run_local
 

@@ -192,7 +192,8 @@ class Scheduler:
         self._waiting = [u for u in self._waiting if u.key not in keys]
 
     def _finished(self, key: str) -> bool:
-        return self.records[key].state in ("done", "skipped")
+        rec = self.records.get(key)  # a need outside this plan is an input that is already there
+        return rec is None or rec.state in ("done", "skipped")
 
     def running(self, kind: str | None = None) -> int:
         """How many units (of `kind`) are in flight."""

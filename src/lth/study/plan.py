@@ -57,14 +57,14 @@ def build_plan(params: Params) -> list[Unit]:
     prep = {name: f"prepare/{name}" for name in params.prepare.datasets}
     units = [Unit("prepare", key, (), name) for name, key in prep.items()]
     t = params.transfer
-    # Tickets of every IMP source, plus those a fine-tune needs (target and related tickets).
-    sources = list(dict.fromkeys([*params.imp.sources, *t.sources, *t.targets, *(p.source for p in t.related)]))
-    for source in sources:
-        for seed in params.imp.seeds:
-            units += _rounds("imp", source, seed, 1.0, params.imp.rounds, prep.get(source, ""))
+    fts = {target: finetune_plan(target, params, t.arms) for target in t.targets}
+    # imp.sources x imp.seeds, and every (source, seed) a planned fine-tune takes a ticket from
+    jobs = dict.fromkeys([*((s, seed) for s in params.imp.sources for seed in params.imp.seeds),
+                          *((ft.source, ft.seed) for todo in fts.values() for ft in todo if ft.arm != "scratch")])
+    for source, seed in jobs:
+        units += _rounds("imp", source, seed, 1.0, params.imp.rounds, prep.get(source, ""))
     for target in t.targets:
-        fts = finetune_plan(target, params, t.arms)
-        for ft in fts:
+        for ft in fts[target]:
             needs = (prep.get(target, ""),) if ft.arm == "scratch" else (
                 prep.get(target, ""), imp_key(ft.source, ft.seed, ft.round))
             units.append(Unit("finetune", f"finetune/{target}/{ft.key}", needs, target, ft.seed, ft.round,
@@ -86,6 +86,19 @@ def _drop_unknown_needs(unit: Unit, keys: set[str]) -> Unit:
     needs = tuple(n for n in unit.needs if n in keys)
     return unit if needs == unit.needs else Unit(unit.kind, unit.key, needs, unit.dataset, unit.seed, unit.round,
                                                  unit.train_fraction, unit.finetune)
+
+
+def missing_inputs(plan: list[Unit], params: Params) -> list[str]:
+    """Tickets a fine-tune needs that the plan does not make (a round past imp.rounds) and that are not on disk."""
+    keys = {u.key for u in plan}
+    missing = []
+    for u in plan:
+        ft = u.finetune
+        if ft is not None and ft.arm != "scratch" and imp_key(ft.source, ft.seed, ft.round) not in keys:
+            path = round_dir(make_job(ft.source, ft.seed, params), ft.round) / TICKET_JSON
+            if not path.is_file():
+                missing.append(f"{u.key} needs {path}")
+    return missing
 
 
 def outputs(unit: Unit, params: Params) -> list[Path]:
