@@ -58,19 +58,21 @@ def test_missing_ticket_outside_the_plan(tmp_path: Path) -> None:
 def test_scheduler_feeds_imp_chains_first_and_caps_finetunes(tmp_path: Path) -> None:
     params = tiny(tmp_path, imp={"rounds": 3}, transfer={"arms": ["transfer"]})
     plan = [u for u in build_plan(params) if u.kind in ("imp", "finetune")]
-    sched = Scheduler(plan, finetune_slots=2, max_retries=1)
+    sched = Scheduler(plan, finetune_slots=3, max_retries=1)
     assert [u.key for u in sched.next_units()] == ["imp/fashion-mnist/s0/r00"]
     sched.succeeded("imp/fashion-mnist/s0/r00")
-    first = [u.key for u in sched.next_units()]
-    # round 1 before round 0's fine-tune; the fine-tune starts now, not when the IMP job ends
-    assert first == ["imp/fashion-mnist/s0/r01", "finetune/digits/transfer-fashion-mnist-s0-r00"]
+    # round 1 first; round 0's fine-tune starts now, not when the IMP job ends
+    assert [u.key for u in sched.next_units()] == ["imp/fashion-mnist/s0/r01",
+                                                   "finetune/digits/transfer-fashion-mnist-s0-r00"]
     sched.succeeded("imp/fashion-mnist/s0/r01")
-    second = [u.key for u in sched.next_units()]
-    assert second == ["imp/fashion-mnist/s0/r02", "finetune/digits/transfer-fashion-mnist-s0-r01"]
+    assert [u.key for u in sched.next_units()] == ["imp/fashion-mnist/s0/r02",
+                                                   "finetune/digits/transfer-fashion-mnist-s0-r01"]
     sched.succeeded("imp/fashion-mnist/s0/r02")
-    # two fine-tunes in flight: the cap holds the third back, the next IMP round still goes
+    # three slots: round 3 and two fine-tunes fill them, so round 2's fine-tune waits (never the IMP round)
     assert [u.key for u in sched.next_units()] == ["imp/fashion-mnist/s0/r03"]
     assert sched.running("finetune") == 2
+    sched.succeeded("finetune/digits/transfer-fashion-mnist-s0-r00")
+    assert [u.key for u in sched.next_units()] == ["finetune/digits/transfer-fashion-mnist-s0-r02"]
 
 
 def test_scheduler_retries_then_fails_and_holds_dependents(tmp_path: Path) -> None:

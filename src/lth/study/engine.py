@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import shutil
 import socket
 import sys
@@ -173,13 +174,15 @@ class Scheduler:
 
     Ray has no task priorities and starts tasks roughly in submission order, so IMP rounds (the critical
     path: each chain is one round after another) are submitted the moment they are ready, and fine-tunes
-    are held back to `finetune_slots` in flight, so a free worker always finds the next IMP round first.
+    only into the slots the running rounds leave free (`finetune_slots` is what the cluster holds, a round
+    taking `chain_weight` of them), so no fine-tune queues in front of the next IMP round.
     Needs are counted, not rescanned, so a plan of ~12,000 units costs the driver milliseconds.
     """
 
     plan: list[Unit]
     finetune_slots: int
     max_retries: int
+    chain_weight: float = 1.0  # fine-tune slots one IMP round takes (its GPUs, or CPUs, over a fine-tune's)
     records: dict[str, Record] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -193,16 +196,22 @@ class Scheduler:
             self._blocked[u.key] = len(needs)
             for n in needs:
                 self._dependents[n].append(u.key)
-        self._ready: list[tuple[int, str]] = [(self._order[k], k) for k, c in self._blocked.items() if c == 0]
-        heapq.heapify(self._ready)
+        self._ready: dict[bool, list[tuple[int, str]]] = {True: [], False: []}  # fine-tune or not -> heap
+        for key, count in self._blocked.items():
+            if count == 0:
+                self._push(key)
         self._running: Counter = Counter()
+
+    def _push(self, key: str, first: bool = False) -> None:
+        heapq.heappush(self._ready[self._by_key[key].kind == "finetune"], (-1 if first else self._order[key], key))
 
     def mark_done_before(self, keys: set[str]) -> None:
         """Units whose outputs already exist (a resumed run): never run again."""
         for key in keys:
             self.records[key].state = "skipped"
-        self._ready = [item for item in self._ready if item[1] not in keys]
-        heapq.heapify(self._ready)
+        for heap in self._ready.values():
+            heap[:] = [item for item in heap if item[1] not in keys]
+            heapq.heapify(heap)
         for key in keys:
             self._release(key)
 
@@ -210,30 +219,18 @@ class Scheduler:
         for dep in self._dependents[key]:
             self._blocked[dep] -= 1
             if self._blocked[dep] == 0 and self.records[dep].state == "waiting":
-                heapq.heappush(self._ready, (self._order[dep], dep))
+                self._push(dep)
 
     def running(self, kind: str | None = None) -> int:
         """How many units (of `kind`) are in flight."""
         return sum(self._running.values()) if kind is None else self._running[kind]
 
     def next_units(self) -> list[Unit]:
-        """Units to start now: every ready IMP round first, then ready fine-tunes up to the free slots."""
-        slots = max(0, self.finetune_slots - self._running["finetune"])
-        chains, others, finetunes, held = [], [], [], []
-        while self._ready:
-            item = heapq.heappop(self._ready)
-            unit = self._by_key[item[1]]
-            if unit.kind in ("imp", "size"):
-                chains.append(unit)
-            elif unit.kind != "finetune":
-                others.append(unit)
-            elif len(finetunes) < slots:
-                finetunes.append(unit)
-            else:
-                held.append(item)
-        for item in held:
-            heapq.heappush(self._ready, item)
-        chosen = chains + others + finetunes
+        """Units to start now: every ready IMP round (and driver unit), then fine-tunes into the free slots."""
+        chosen = [self._by_key[heapq.heappop(self._ready[False])[1]] for _ in range(len(self._ready[False]))]
+        in_chains = self._running["imp"] + self._running["size"] + sum(u.kind in ("imp", "size") for u in chosen)
+        slots = self.finetune_slots - self._running["finetune"] - math.ceil(in_chains * self.chain_weight - 1e-9)
+        chosen += [self._by_key[heapq.heappop(self._ready[True])[1]] for _ in range(min(slots, len(self._ready[True])))]
         for unit in chosen:
             rec = self.records[unit.key]
             rec.state, rec.attempts = "running", rec.attempts + 1
@@ -254,7 +251,7 @@ class Scheduler:
         self._running[rec.kind] -= 1
         if rec.attempts <= self.max_retries:
             rec.state = "waiting"
-            heapq.heappush(self._ready, (-1, key))  # ahead of everything else: it was due already
+            self._push(key, first=True)  # ahead of the others: it was due already
             return True
         rec.state = "failed"
         return False
@@ -265,7 +262,7 @@ class Scheduler:
 
     def finished_all(self) -> bool:
         """Nothing in flight and nothing can start (done, failed, or needing a failed unit)."""
-        return self.running() == 0 and not self._ready
+        return self.running() == 0 and not self._ready[False] and not self._ready[True]
 
 
 def progress_line(sched: Scheduler, started: float, now: float | None = None) -> str:

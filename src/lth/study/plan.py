@@ -78,7 +78,8 @@ def build_plan(params: Params) -> list[Unit]:
                                                                  if u.dataset == target and u.kind in ("finetune", "size")),
                           target))
     units.append(Unit("report", "report", tuple(u.key for u in units if u.kind == "results")))
-    return [_drop_unknown_needs(u, {x.key for x in units}) for u in units]
+    keys = {u.key for u in units}
+    return [_drop_unknown_needs(u, keys) for u in units]
 
 
 def _drop_unknown_needs(unit: Unit, keys: set[str]) -> Unit:

@@ -165,7 +165,9 @@ class RayDriver:
         plan = plan or build_plan(self.params)
         plan = [u for u in plan if u.kind != "report"]  # the CLI builds the report (study does not import report)
         check_fits(self.ray.nodes(), self.engine, {u.kind for u in plan if u.kind in TRAINING})
-        sched = Scheduler(plan, self.slots(), self.engine.max_retries)
+        e = self.engine
+        weight = e.imp_gpus / e.finetune_gpus if e.finetune_gpus else e.imp_cpus / e.finetune_cpus
+        sched = Scheduler(plan, self.slots(), e.max_retries, chain_weight=weight)
         sched.mark_done_before({u.key for u in plan if is_done(u, self.params)})
         # How many units still read each ticket: its object-store copy is dropped after the last one.
         self._uses = Counter(p for u in plan if u.kind in TRAINING and sched.records[u.key].state == "waiting"
