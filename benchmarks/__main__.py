@@ -6,7 +6,7 @@ import argparse
 import importlib
 import os
 
-NAMES = ("mask_overhead", "data_path", "tracking_overhead", "pipeline", "gpu")
+NAMES = ("mask_overhead", "data_path", "tracking_overhead", "pipeline", "gpu", "scale")
 
 
 def main() -> None:
