@@ -125,6 +125,44 @@ def ps() -> list[tuple[int, str]]:
 
 
 @pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (sqlite behind it, artifacts proxied to a folder); yields its URL."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+                             "--artifacts-destination", str(root / "artifacts")],
+                            cwd=root, env=lth_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.time() + 90
+        while time.time() < end:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        time.sleep(2)
+        yield url
+    finally:
+        _stop(proc)
+
+
+def finished_runs(url: str) -> dict[str, list[str]]:
+    """Nested runs on the server: name -> statuses (one FINISHED per unit means nothing lost or doubled)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=url)
+    found: dict[str, list[str]] = {}
+    for exp in client.search_experiments():
+        for run in client.search_runs([exp.experiment_id], max_results=1000):
+            if "mlflow.parentRunId" in run.data.tags:
+                found.setdefault(run.info.run_name, []).append(run.info.status)
+    return found
+
+
+@pytest.fixture(scope="module")
 def serial(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("serial")
     write_study(root, **STUDY)
@@ -133,8 +171,9 @@ def serial(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_ray_matches_serial_and_survives_a_killed_worker(cluster: str, serial: Path, tmp_path: Path) -> None:
-    write_study(tmp_path, **STUDY)
+def test_ray_matches_serial_and_survives_a_killed_worker(cluster: str, serial: Path, mlflow_server: str,
+                                                         tmp_path: Path) -> None:
+    write_study(tmp_path, **STUDY, tracking={"uri": mlflow_server, "register": False})
     env = ray_env(tmp_path)
     driver = subprocess.Popen([str(BIN / "lth"), "study", "run", "--engine", "ray", "--address", cluster,
                                "--params", "tiny.yaml"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
@@ -158,8 +197,14 @@ def test_ray_matches_serial_and_survives_a_killed_worker(cluster: str, serial: P
     record = pd.read_csv(tmp_path / "results/study/units.csv").set_index("key")
     assert record.loc[killed, "attempts"] == 2 and record.loc[killed, "state"] == "done"
     assert set(record.loc[record["kind"] != "prepare", "state"]) == {"done"}  # prepared beforehand: skipped
-    assert set(record.loc[record["kind"] != "results", "host"]) == {socket.gethostname()}
+    training = record[record["kind"].isin(["imp", "size", "finetune"])]
+    assert set(training["host"]) == {socket.gethostname()} and (training["end"] > training["start"]).all()
     assert "0 failed" in stderr and "ETA" in stderr
+    # tracked on the driver's server, nested under the jobs' runs: exactly one FINISHED run per unit
+    runs = finished_runs(mlflow_server)
+    assert sum(statuses.count("FINISHED") for statuses in runs.values()) == len(training)
+    assert all(statuses.count("FINISHED") == 1 for statuses in runs.values())
+    assert "transfer digits transfer fashion-mnist s0 r01" in runs and "imp digits@0.5 s0 r02" in runs
     # a rerun finds every unit done and runs none
     again = run_lth(["study", "run", "--engine", "ray", "--address", cluster, "--params", "tiny.yaml"], tmp_path,
                     env=env)
@@ -181,6 +226,14 @@ def test_unit_bigger_than_any_node(cluster: str, tmp_path: Path) -> None:
                   env=ray_env(tmp_path))
     _one_line_exit_2(out, "engine.finetune_gpus=1")
     assert not (tmp_path / "models").exists()  # before any training
+
+
+def test_local_tracking_file_with_a_cluster(cluster: str, tmp_path: Path) -> None:
+    write_study(tmp_path, **STUDY)  # tracking.uri: a sqlite file under tmp_path
+    out = run_lth(["study", "run", "--engine", "ray", "--address", cluster, "--params", "tiny.yaml"], tmp_path,
+                  env=ray_env(tmp_path))
+    _one_line_exit_2(out, "mlflow server")
+    assert not (tmp_path / "models").exists()
 
 
 def test_unreachable_address(tmp_path: Path) -> None:

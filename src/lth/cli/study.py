@@ -86,9 +86,15 @@ def study_run(engine: str | None, address: str | None, params_path: str) -> None
 
         run_local(params, _tracker(params), plan)
     else:
-        from lth.study.ray_engine import RayDriver
+        import functools
 
-        driver = RayDriver(params, lambda unit, p: prepare_dataset(unit.dataset, p))
+        from lth.study.ray_engine import RayDriver
+        from lth.tracking.mlflow import MlflowTracker, tracking_uri
+
+        # workers log where this driver does: the URI resolved here, not from their own environment
+        cfg = replace(params.tracking, uri=tracking_uri(params.tracking))
+        driver = RayDriver(params, lambda unit, p: prepare_dataset(unit.dataset, p), MlflowTracker(cfg),
+                           (cfg.uri, functools.partial(MlflowTracker, cfg)))
         driver.connect(params.engine.address)
         try:
             sched = driver.run(plan)

@@ -8,6 +8,7 @@ the driver's tree, and the files are the ones a serial run writes.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import math
@@ -19,16 +20,17 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Mapping
 
 from lth.config import Params, PathsConfig
 from lth.data.prepare import prepare_dataset
 from lth.data.store import load_prepared, prepared_dir
 from lth.fsutil import atomic_dir, atomic_write_bytes, atomic_write_text
-from lth.study.imp import imp_round, load_job_data, round_inputs, run_imp
+from lth.study.imp import imp_round, job_run as imp_job_run, load_job_data, round_inputs, run_imp
 from lth.study.plan import TRAINING, Unit, build_plan, finetune_row_path, is_done, outputs
-from lth.study.transfer import run_finetune, run_transfer, write_results_csv
+from lth.study.transfer import job_run as transfer_job_run, run_finetune, run_transfer, write_results_csv
 from lth.tickets import ticket_dir
-from lth.tracking import NullRun, NullTracker, Run, Tracker
+from lth.tracking import NullRun, NullTracker, Tracker
 
 ROOTS = ("data", "models", "results")  # the project roots a unit reads from or writes to
 Files = dict[str, bytes]  # "<root>/<path under it>" -> content
@@ -118,31 +120,42 @@ class UnitResult:
 
 
 def run_unit(unit: Unit, params: Params, inputs: Files, tracker: Tracker | None = None,
-             parent: Run | None = None, gpu: str = "") -> UnitResult:
-    """Run one training unit in a scratch project built from `inputs`; return its outputs as bytes."""
+             parent: tuple[str, Mapping[str, str]] | None = None, gpu: str = "") -> UnitResult:
+    """Run one training unit in a scratch project built from `inputs`; return its outputs as bytes.
+
+    `parent`: the id and tags of the job's run the driver opened; the unit's run is nested under it.
+    """
     start = time.time()
     root = Path(tempfile.mkdtemp(prefix="lth-unit-"))
+    tracker = tracker or NullTracker()
     try:
         scratch = scratch_params(params, root)
         for key, content in inputs.items():
             dest = key_path(key, scratch)
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(content)
-        tracker, parent = tracker or NullTracker(), parent or NullRun()
-        if unit.kind in ("imp", "size"):
-            job = unit.job(scratch)
-            imp_round(job, unit.round, load_job_data(job, scratch), scratch, tracker, parent)
-        else:
-            ft = unit.finetune
-            assert ft is not None and unit.kind == "finetune"
-            run_finetune(ft, load_prepared(scratch.paths.data, ft.target), scratch, tracker, parent,
-                         save_to=finetune_row_path(ft, scratch))
+        with tracker.attach(*parent) if parent else contextlib.nullcontext(NullRun()) as run:
+            if unit.kind in ("imp", "size"):
+                job = unit.job(scratch)
+                imp_round(job, unit.round, load_job_data(job, scratch), scratch, tracker, run)
+            else:
+                ft = unit.finetune
+                assert ft is not None and unit.kind == "finetune"
+                run_finetune(ft, load_prepared(scratch.paths.data, ft.target), scratch, tracker, run,
+                             save_to=finetune_row_path(ft, scratch))
         files: Files = {}
         for out in outputs(unit, scratch):
             files |= read_files(out, scratch)
         return UnitResult(files, socket.gethostname(), gpu, start, time.time())
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def parent_run(unit: Unit, params: Params) -> tuple[str, str, dict, dict[str, str]]:
+    """Experiment, name, params and tags of the job run a training unit nests under (as in a serial run)."""
+    if unit.kind == "finetune":
+        return transfer_job_run(unit.dataset, params)
+    return imp_job_run(unit.job(params), params)
 
 
 def dataset_files(name: str, params: Params) -> Files:

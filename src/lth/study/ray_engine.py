@@ -9,6 +9,7 @@ written. Retries are the driver's (a dead worker's unit is submitted again), so 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -20,10 +21,11 @@ from typing import Any, Callable
 from lth.config import EngineConfig, Params
 from lth.errors import UserError
 from lth.study.engine import (
-    Files, Scheduler, UnitResult, dataset_files, finish_results, progress_line, read_files, run_unit, show,
-    unit_inputs, write_outputs, write_record,
+    Files, Scheduler, UnitResult, dataset_files, finish_results, parent_run, progress_line, read_files, run_unit,
+    show, unit_inputs, write_outputs, write_record,
 )
 from lth.study.plan import TRAINING, Unit, build_plan, is_done
+from lth.tracking import NullTracker, Tracker
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 INSTALL = "pip install 'ray==2.60.0' (the version requirements.lock pins)"
@@ -52,7 +54,7 @@ def is_local(address: str | None) -> bool:
 
 def check_address(address: str | None) -> None:
     """Fail in seconds, not after Ray's minutes of retries, when the head is not there or not ours to drive."""
-    if address is None:
+    if address is None or address == "auto":  # "auto": the cluster this host belongs to (ray start ran here)
         return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
@@ -96,22 +98,41 @@ def check_fits(nodes: list[dict], engine: EngineConfig, kinds: set[str]) -> None
                             "lower them or add a bigger node")
 
 
-def _task(unit: Unit, params: Params, data: Files, extra: Files, *tickets: Files) -> UnitResult:
-    """A worker's side: run the unit in its own scratch project and return its files."""
+_TRACKERS: dict[str, Tracker] = {}  # a worker process's trackers, by URI (one client and writer thread each)
+
+
+def _task(unit: Unit, params: Params, tracking: tuple[str, Callable[[], Tracker]] | None,
+          parent: tuple[str, dict[str, str]] | None, data: Files, extra: Files, *tickets: Files) -> UnitResult:
+    """A worker's side: run the unit in its own scratch project, nested under the driver's run; return its files."""
     import ray
 
     gpu = ",".join(str(i) for i in ray.get_gpu_ids())
     inputs = {**data, **extra}
     for ticket in tickets:
         inputs |= ticket
-    return run_unit(unit, params, inputs, gpu=gpu)
+    tracker = None
+    if tracking is not None and parent is not None:
+        uri, make = tracking
+        tracker = _TRACKERS.get(uri) or _TRACKERS.setdefault(uri, make())
+    return run_unit(unit, params, inputs, tracker, parent, gpu=gpu)
+
+
+def is_shared_store(uri: str) -> bool:
+    """Whether workers on other hosts can write to a tracking URI (a server or a database, not a local file)."""
+    return "://" in uri and not uri.startswith(("sqlite:", "file:"))
 
 
 class RayDriver:
     """Runs the plan's training units as Ray tasks; the rest (prepare, results) here, in plan order."""
 
-    def __init__(self, params: Params, prepare: Callable[[Unit, Params], None]) -> None:
+    def __init__(self, params: Params, prepare: Callable[[Unit, Params], None], tracker: Tracker | None = None,
+                 tracking: tuple[str, Callable[[], Tracker]] | None = None) -> None:
+        """`tracker` opens the jobs' parent runs here; `tracking` (URI, factory) builds a worker's tracker."""
         self.params = params
+        self.tracker = tracker or NullTracker()
+        self.tracking = tracking
+        self._jobs = contextlib.ExitStack()
+        self._parents: dict[tuple[str, str], tuple[str, dict[str, str]] | None] = {}
         self.engine = params.engine
         self.prepare = prepare
         self.ray = _import_ray()
@@ -122,12 +143,12 @@ class RayDriver:
         self._remote = self.ray.remote(max_retries=0, max_calls=0)(_task)
 
     def connect(self, address: str | None) -> None:
-        """Join the cluster at `address`, or start a Ray of this host's CPUs when None."""
+        """Join the cluster at `address` (or $RAY_ADDRESS, as inside a KubeRay RayJob), else start a local Ray."""
+        address = address or os.environ.get("RAY_ADDRESS") or None
         check_address(address)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled" if is_local(address) else "token")
-        self.ray.init(address=address, log_to_driver=False, include_dashboard=False, logging_level="ERROR",
-                      configure_logging=False) if address else self.ray.init(
-            log_to_driver=False, include_dashboard=False, logging_level="ERROR")
+        self.ray.init(address=address, log_to_driver=False, include_dashboard=False if not address else None,
+                      logging_level="ERROR")
 
     def _submit(self, unit: Unit) -> Any:
         if unit.dataset not in self._data:
@@ -143,7 +164,15 @@ class RayDriver:
                 extra |= read_files(path, self.params)
         cpus, gpus = _demand(unit.kind, self.engine)
         return self._remote.options(num_cpus=cpus, num_gpus=gpus, name=f"lth {unit.key}").remote(
-            unit, self.params, self._data[unit.dataset], extra, *tickets)
+            unit, self.params, self.tracking, self._parent(unit), self._data[unit.dataset], extra, *tickets)
+
+    def _parent(self, unit: Unit) -> tuple[str, dict[str, str]] | None:
+        """The run (id, tags) of the unit's job, opened here on first use and ended when the study ends."""
+        experiment, name, job_params, tags = parent_run(unit, self.params)
+        if (experiment, name) not in self._parents:
+            run = self._jobs.enter_context(self.tracker.job(experiment, name, params=job_params, tags=tags))
+            self._parents[experiment, name] = (run.run_id, tags) if run.run_id else None
+        return self._parents[experiment, name]
 
     def _release(self, unit: Unit) -> None:
         for path in unit_inputs(unit, self.params):
@@ -164,7 +193,16 @@ class RayDriver:
         """Run every unit not done yet; returns the scheduler's records (failed units included)."""
         plan = plan or build_plan(self.params)
         plan = [u for u in plan if u.kind != "report"]  # the CLI builds the report (study does not import report)
-        check_fits(self.ray.nodes(), self.engine, {u.kind for u in plan if u.kind in TRAINING})
+        nodes = self.ray.nodes()
+        check_fits(nodes, self.engine, {u.kind for u in plan if u.kind in TRAINING})
+        if self.tracking and sum(bool(n.get("Alive")) for n in nodes) > 1 and not is_shared_store(self.tracking[0]):
+            raise UserError(f"tracking URI {self.tracking[0]} is a file on this host, which the cluster's other "
+                            "nodes cannot write: start `mlflow server` (README: Run the study on a cluster) and "
+                            "set MLFLOW_TRACKING_URI=http://HOST:PORT or tracking.uri")
+        with self._jobs:
+            return self._run(plan)
+
+    def _run(self, plan: list[Unit]) -> Scheduler:
         e = self.engine
         weight = e.imp_gpus / e.finetune_gpus if e.finetune_gpus else e.imp_cpus / e.finetune_cpus
         sched = Scheduler(plan, self.slots(), e.max_retries, chain_weight=weight)
