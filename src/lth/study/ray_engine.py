@@ -138,9 +138,11 @@ class RayDriver:
         self.ray = _import_ray()
         self._data: dict[str, Any] = {}  # dataset -> object ref of its files (sent once)
         self._tickets: dict[Path, Any] = {}  # ticket dir -> object ref (sent once, shared by its fine-tunes)
-        # max_calls=0: a GPU task's process is reused (Ray's default starts one per task, seconds each);
-        # retries are ours (Scheduler.errored), so each attempt is counted in the record.
-        self._remote = self.ray.remote(max_retries=0, max_calls=0)(_task)
+        # Retries are ours (Scheduler.errored), so each attempt is counted in the record. CPU tasks reuse their
+        # worker process (max_calls=0); GPU tasks keep Ray's one process per task, since PyTorch's allocator
+        # would hold a finished task's GPU memory (ray#29606; a process start is ~1 s against minutes of training).
+        self._remote = {False: self.ray.remote(max_retries=0, max_calls=0)(_task),
+                        True: self.ray.remote(max_retries=0)(_task)}
 
     def connect(self, address: str | None) -> None:
         """Join the cluster at `address` (or $RAY_ADDRESS, as inside a KubeRay RayJob), else start a local Ray."""
@@ -163,7 +165,7 @@ class RayDriver:
             else:
                 extra |= read_files(path, self.params)
         cpus, gpus = _demand(unit.kind, self.engine)
-        return self._remote.options(num_cpus=cpus, num_gpus=gpus, name=f"lth {unit.key}").remote(
+        return self._remote[gpus > 0].options(num_cpus=cpus, num_gpus=gpus, name=f"lth {unit.key}").remote(
             unit, self.params, self.tracking, self._parent(unit), self._data[unit.dataset], extra, *tickets)
 
     def _parent(self, unit: Unit) -> tuple[str, dict[str, str]] | None:
