@@ -259,3 +259,23 @@ def test_remote_cluster_without_token_refused(tmp_path: Path) -> None:
     out = run_lth(["study", "run", "--engine", "ray", "--address", "192.0.2.1:6379", "--params", "tiny.yaml"],
                   tmp_path, env=env, timeout=60)
     _one_line_exit_2(out, "RAY_AUTH_MODE=token")
+
+
+def test_dvc_knows_the_outputs_of_a_ray_run(tmp_path: Path) -> None:
+    """The demo pipeline (shrunk) run by `lth study run --engine ray`: afterwards only `tune` is left to DVC."""
+    import yaml
+
+    from benchmarks.pipeline import _copy_tree, _shrink
+
+    _copy_tree(tmp_path)
+    _shrink(tmp_path / "params.yaml")
+    raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    raw["train"]["threads"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = ray_env(tmp_path)
+    out = run_lth(["study", "run", "--engine", "ray"], tmp_path, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    status = subprocess.run([str(BIN / "dvc"), "status", "--json"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert status.returncode == 0, status.stderr
+    assert set(json.loads(status.stdout)) == {"tune"}  # every stage the study covers is up to date

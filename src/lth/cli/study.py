@@ -107,3 +107,24 @@ def study_run(engine: str | None, address: str | None, params_path: str) -> None
                 f"(see {Path(params.paths.results) / 'study' / 'units.csv'}; rerun to retry only those)")
     index = build_report(params)
     click.echo(f"study done: report -> {index}")
+    _dvc_commit(params_path)
+
+
+DVC_STAGES = ("prepare", "imp", "transfer", "report")  # dvc.yaml's stages the study's plan covers (not tune)
+
+
+def _dvc_commit(params_path: str) -> None:
+    """In the DVC project the study belongs to, record its outputs in dvc.lock, so `dvc status` is clean."""
+    import shutil
+    import subprocess
+
+    if not Path("dvc.yaml").is_file() or Path(params_path).resolve() != Path("params.yaml").resolve():
+        return  # not the pipeline's params: the outputs are not its stages'
+    dvc = shutil.which("dvc")
+    if dvc is None:
+        click.echo("dvc not found: run `dvc commit -f prepare imp transfer report` to record the outputs", err=True)
+        return
+    done = subprocess.run([dvc, "commit", "-f", *DVC_STAGES], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UserError(f"dvc commit of {', '.join(DVC_STAGES)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    click.echo(f"dvc.lock records {', '.join(DVC_STAGES)} (`dvc status` clean for them; tune is its own stage)")
