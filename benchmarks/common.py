@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-NAMES = ("mask_overhead", "data_path", "tracking_overhead", "pipeline", "gpu")  # `python -m benchmarks` runs these
+NAMES = ("mask_overhead", "data_path", "tracking_overhead", "pipeline", "gpu", "scale")  # `python -m benchmarks` runs these
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -75,6 +75,25 @@ def _section(name: str, r: dict) -> list[str]:
         else:
             out += ["| variant | img/s | x fp32 |", "|---|---|---|"]
             out += [f"| {n} | {v:.0f} | {r['speedup_vs_fp32'][n]:.2f} |" for n, v in r["img_per_s"].items()]
+    elif name == "scale":
+        out += [f"The paper's plan: {r['units']} training units, {r['work_gpu_hours']:.0f} modelled GPU-hours "
+                f"({r['img_per_s']:.0f} img/s per GPU, epochs {r['epochs']}; ours), scaled by {r['scale']:.2e} for "
+                f"the Ray run; per-task overhead on Ray {1000 * r['overhead_s']:.1f} ms.", "",
+                "| GPUs | makespan h | bound h | x bound | utilisation | Ray h | Ray / simulated |",
+                "|---|---|---|---|---|---|---|"]
+        for x in r["rows"]:
+            ray_h = f"{x['ray_makespan_h']:.2f}" if "ray_makespan_h" in x else ""
+            ray_sim = f"{x['ray_vs_sim']:.3f}" if "ray_vs_sim" in x else ""
+            out.append(f"| {x['gpus']} | {x['makespan_h']:.2f} | {x['bound_h']:.2f} | {x['ratio']:.3f} | "
+                       f"{x['utilisation']:.1%} | {ray_h} | {ray_sim} |")
+        ray = r["rows"][0]
+        out += ["", f"Ray at {ray['gpus']} virtual GPUs ran the scaled plan in {ray['ray_ratio']:.3f}x its bound; "
+                f"the simulation of that run (same durations, the measured overhead) is within "
+                f"{100 * abs(ray['ray_vs_sim'] - 1):.1f}% of it (check: within 5%: "
+                f"{'met' if abs(ray['ray_vs_sim'] - 1) <= 0.05 else 'not met'}). The rows above simulate real "
+                f"trainings (minutes each), where the per-task overhead is a negligible share."]
+        verdict = ", ".join(f"{g} GPUs <= {t}x: {'met' if r['met'][g] else 'not met'}" for g, t in r["targets"].items())
+        out += ["", f"Targets: {verdict}. Plot: results/scale.png. Bound = max(critical path, work / GPUs)."]
     elif name == "gpu_smoke":
         out = [f"## {name}", "", f"Command: `{r['command']}` on {r['gpu']} at {r['when']}", "",
                f"{r['setting']}: {r['seconds']:.0f} s."]
@@ -84,7 +103,7 @@ def _section(name: str, r: dict) -> list[str]:
 def render(results: Path = RESULTS) -> str:
     """RESULTS.md's text from the JSON results in `results`."""
     lines = [HEAD]
-    for name in ("mask_overhead", "data_path", "tracking_overhead", "pipeline", "gpu", "gpu_smoke"):
+    for name in ("mask_overhead", "data_path", "tracking_overhead", "pipeline", "gpu", "gpu_smoke", "scale"):
         r = _load(results, name)
         if r is not None:
             lines += _section(name, r)

@@ -58,3 +58,13 @@ def test_overwrite_is_atomic(tmp_path: Path) -> None:
     _ticket(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
     assert load_ticket(d).meta.round == 1
+
+
+def test_mask_loads_in_the_models_order(tmp_path: Path) -> None:
+    """The next round's ticket.json lists the mask's names: in the model's order, whatever the file's."""
+    names = ("layer2.w", "conv1.w", "layer1.w", "fc0.w", "b.w", "a.w")  # the model's order, not sorted
+    meta = TicketMeta(source="s", arch="a", seed=0, round=1, sparsity=0.0, rewind_epoch=2, num_classes=3,
+                      prunable=names, pruning_rate=0.2)
+    tensors = {n: torch.ones(2) for n in names}
+    path = save_ticket(tmp_path / "t", meta, tensors, {n: torch.ones(2, dtype=torch.bool) for n in names})
+    assert tuple(load_ticket(path).mask) == names

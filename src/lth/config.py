@@ -220,6 +220,34 @@ class TrackingConfig:
     artifact_location: str | None = None  # e.g. s3://bucket/mlflow for new experiments
 
 
+def _gpu_share(value: float) -> bool:
+    """Ray takes a fraction of one GPU (several units share it) or whole GPUs, never 1.5."""
+    return value >= 0 and (value <= 1 or float(value).is_integer())
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """`lth study run`: which executor runs the study's units, and each unit's share of a worker."""
+
+    kind: Literal["local", "ray"] = "local"  # local: one process, as `dvc repro`; ray: every unit a Ray task
+    address: str | None = None  # Ray cluster, host:port of `ray start --head` (None: a Ray started here)
+    imp_gpus: float = 0.0  # GPUs per IMP round (fractions share a GPU: 0.5 = two rounds per GPU)
+    imp_cpus: float = 1.0  # CPUs per IMP round
+    finetune_gpus: float = 0.0  # GPUs per fine-tune (fractions share a GPU)
+    finetune_cpus: float = 1.0  # CPUs per fine-tune
+    max_retries: int = 2  # reruns of a unit whose worker died or failed, before the unit counts as failed
+    finetunes_in_flight: int | None = None  # cap on fine-tunes queued at once (None: the cluster's slots)
+
+    def __post_init__(self) -> None:
+        for name in ("imp_gpus", "finetune_gpus"):
+            check(_gpu_share(getattr(self, name)), name, "must be a fraction of one GPU (0..1) or whole GPUs")
+        for name in ("imp_cpus", "finetune_cpus"):
+            check(getattr(self, name) > 0, name, "must be > 0")
+        check(self.max_retries >= 0, "max_retries", "must be >= 0")
+        check(self.finetunes_in_flight is None or self.finetunes_in_flight >= 1, "finetunes_in_flight",
+              "must be >= 1 or null")
+
+
 @dataclass(frozen=True)
 class ReportConfig:
     """`lth report`: Welch tests against scratch and the target's tickets, corrected per target and table."""
@@ -246,6 +274,7 @@ class Params:
     tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         check(

@@ -126,8 +126,7 @@ def load_ticket(directory: str | Path, *, with_trained: bool = False) -> Ticket:
     trained = _load_tensors(directory / TRAINED, meta.sha256.get(TRAINED)) if with_trained else None
     if set(mask) != set(meta.prunable):
         raise UserError(f"{directory / MASK}: mask names do not match the prunable weights in {TICKET_JSON}")
-    # safetensors hands names back in a per-process random order; the next round's pruning (its tie-break by
-    # position) and its ticket.json's `prunable` list must not depend on it
+    # The file's order is the loader's (it differs between processes); ticket.json's order is the model's.
     mask = {name: mask[name] for name in meta.prunable}
     for name, m in mask.items():
         if name not in weights or weights[name].shape != m.shape:

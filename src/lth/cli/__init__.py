@@ -41,11 +41,11 @@ def _register_subcommands() -> None:
     # Imported here, after `cli` exists; each command module is a leaf that never imports lth.cli.
     from lth.cli.data import build, datasets_cmd, prepare_cmd, pull
     from lth.cli.report import report
-    from lth.cli.study import imp_cmd, transfer_cmd
+    from lth.cli.study import imp_cmd, study, transfer_cmd
     from lth.cli.tickets import tickets
     from lth.cli.tune import tune
 
-    for command in (datasets_cmd, prepare_cmd, imp_cmd, transfer_cmd, pull, build, tune, report, tickets):
+    for command in (datasets_cmd, prepare_cmd, imp_cmd, transfer_cmd, pull, build, tune, report, tickets, study):
         cli.add_command(command)
 
 

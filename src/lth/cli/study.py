@@ -54,3 +54,77 @@ def transfer_cmd(target: str, arms: tuple[str, ...], params_path: str) -> None:
             raise UserError(f"unknown arm {arm!r} (--arm); choose from {', '.join(ARMS)}")
     csv = run_transfer(target, params, _tracker(params), arms=arms or None)
     click.echo(f"transfer {target}: results in {csv}")
+
+
+@click.group("study")
+def study() -> None:
+    """The whole study as one plan of units (prepare, IMP rounds, fine-tunes, results, report)."""
+
+
+@study.command("run")
+@click.option("--engine", "engine", type=click.Choice(["local", "ray"]), default=None,
+              help="Executor (default: engine.kind in params.yaml).")
+@click.option("--address", default=None, help="Ray cluster host:port (default: engine.address).")
+@PARAMS_OPTION
+def study_run(engine: str | None, address: str | None, params_path: str) -> None:
+    """Run every unit of the study not done yet, locally or as Ray tasks, then the report."""
+    from dataclasses import replace
+
+    from lth.data.prepare import prepare_dataset
+    from lth.report.build import build_report
+    from lth.study.plan import build_plan, missing_inputs
+
+    params = load_params(Path(params_path))
+    params = replace(params, engine=replace(params.engine, kind=engine or params.engine.kind,
+                                            address=address or params.engine.address))
+    plan = build_plan(params)
+    missing = missing_inputs(plan, params)
+    if missing:
+        raise UserError(f"{missing[0]} (missing): raise imp.rounds or narrow transfer.rounds")
+    if params.engine.kind == "local":
+        from lth.study.engine import run_local
+
+        run_local(params, _tracker(params), plan)
+    else:
+        import functools
+
+        from lth.study.ray_engine import RayDriver
+        from lth.tracking.mlflow import MlflowTracker, tracking_uri
+
+        # workers log where this driver does: the URI resolved here, not from their own environment
+        cfg = replace(params.tracking, uri=tracking_uri(params.tracking))
+        driver = RayDriver(params, lambda unit, p: prepare_dataset(unit.dataset, p), MlflowTracker(cfg),
+                           (cfg.uri, functools.partial(MlflowTracker, cfg)))
+        driver.connect(params.engine.address)
+        try:
+            sched = driver.run(plan)
+        finally:
+            driver.shutdown()
+        failed = [r for r in sched.records.values() if r.state == "failed"]
+        if failed:
+            raise SystemExit(
+                f"lth: study: {len(failed)} unit(s) failed after retries, e.g. {failed[0].key}: {failed[0].error} "
+                f"(see {Path(params.paths.results) / 'study' / 'units.csv'}; rerun to retry only those)")
+    index = build_report(params)
+    click.echo(f"study done: report -> {index}")
+    _dvc_commit(params_path)
+
+
+DVC_STAGES = ("prepare", "imp", "transfer", "report")  # dvc.yaml's stages the study's plan covers (not tune)
+
+
+def _dvc_commit(params_path: str) -> None:
+    """In the DVC project the study belongs to, record its outputs in dvc.lock, so `dvc status` is clean."""
+    import shutil
+    import subprocess
+
+    if not Path("dvc.yaml").is_file() or Path(params_path).resolve() != Path("params.yaml").resolve():
+        return  # not the pipeline's params: the outputs are not its stages'
+    dvc = shutil.which("dvc")
+    if dvc is None:
+        click.echo("dvc not found: run `dvc commit -f prepare imp transfer report` to record the outputs", err=True)
+        return
+    done = subprocess.run([dvc, "commit", "-f", *DVC_STAGES], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UserError(f"dvc commit of {', '.join(DVC_STAGES)} failed: {done.stderr.strip().splitlines()[-1:]}")
+    click.echo(f"dvc.lock records {', '.join(DVC_STAGES)} (`dvc status` clean for them; tune is its own stage)")

@@ -99,11 +99,12 @@ def rewind_points(params: Params, rewind_epoch: int) -> list[int]:
 
 def dense_done(job: ImpJob, params: Params) -> bool:
     """Whether the job's dense run is complete: its round-0 ticket and every rewind point are on disk."""
-    return (_round_dir(job, 0) / MASK).is_file() and all(
+    return (round_dir(job, 0) / MASK).is_file() and all(
         dense_checkpoint(job, e).is_file() for e in rewind_points(params, job.rewind_epoch))
 
 
-def _round_dir(job: ImpJob, round_: int) -> Path:
+def round_dir(job: ImpJob, round_: int) -> Path:
+    """Where round `round_`'s ticket lives (round 0, the dense run, in the job's dense_dir)."""
     base = job.dense_dir if round_ == 0 else job.out_dir
     return base / f"round{round_:02d}"
 
@@ -156,7 +157,7 @@ def _train_round(
             train_fraction=job.train_fraction,
         )
         extra = {"history.json": [m.__dict__ for m in result.history], "sparsity.json": sparsity_report(mask)}
-        out = save_ticket(_round_dir(job, round_), meta, apply_mask(rewind, mask), mask,
+        out = save_ticket(round_dir(job, round_), meta, apply_mask(rewind, mask), mask,
                           trained=apply_mask(result.best_state, mask), extra_json=extra)
         if job.registers:
             tracker.register_ticket(run, out, read_ticket_meta(out))  # as saved: with the files' sha256
@@ -168,17 +169,28 @@ def _train_round(
 def _ensure_dense(job: ImpJob, data: PreparedDataset, params: Params, tracker: Tracker, parent: Run) -> None:
     """Round 0: the dense run, keeping its early checkpoints as rewind points."""
     if dense_done(job, params):
-        _catch_up_registration(job, _round_dir(job, 0), params, tracker, parent)
+        _catch_up_registration(job, round_dir(job, 0), params, tracker, parent)
         return
     model = build_model(params.model, data.num_classes, job.seed)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     _train_round(job, 0, data, params, tracker, parent, init, full_mask(model), rewind_points(params, job.rewind_epoch))
 
 
-def run_imp(job: ImpJob, params: Params, tracker: Tracker | None = None) -> list[Path]:
-    """Run (or finish) an IMP job; returns the ticket directories of rounds 0..job.rounds."""
-    tracker = tracker or NullTracker()
-    data = load_job_data(job, params)
+def round_inputs(job: ImpJob, round_: int, params: Params) -> list[Path]:
+    """Files and ticket directories round `round_` reads besides the prepared data (round 0: none)."""
+    if round_ == 0:
+        return []
+    return [dense_checkpoint(job, job.rewind_epoch), round_dir(job, round_ - 1)]
+
+
+def round_outputs(job: ImpJob, round_: int, params: Params) -> list[Path]:
+    """What round `round_` writes, the ticket directory last (round 0: the rewind points before it)."""
+    points = [dense_checkpoint(job, e) for e in rewind_points(params, job.rewind_epoch)] if round_ == 0 else []
+    return [*points, round_dir(job, round_)]
+
+
+def job_run(job: ImpJob, params: Params) -> tuple[str, str, dict, dict[str, str]]:
+    """Experiment, name, params and tags of the job's parent MLflow run."""
     job_params = flatten(params.imp, "imp") | flatten(params.train, "train") | flatten(params.model, "model")
     job_params |= {"source": job.source, "seed": job.seed, "rewind_epoch_used": job.rewind_epoch,
                    "train_fraction": job.train_fraction}
@@ -187,22 +199,38 @@ def run_imp(job: ImpJob, params: Params, tracker: Tracker | None = None) -> list
     name = f"imp {job.label} s{job.seed}" + (f" {job.purpose}" if job.purpose else "")
     if job.purpose:  # named apart, so it is not mistaken for the study's IMP job
         tags |= {"lth.purpose": job.purpose}
-    with tracker.job(f"imp/{job.source}", name, params=job_params, tags=tags) as parent:
+    return f"imp/{job.source}", name, job_params, tags
+
+
+def imp_round(job: ImpJob, round_: int, data: PreparedDataset, params: Params, tracker: Tracker,
+              parent: Run) -> Path:
+    """Run (or catch up) one round: 0 is the dense run; r prunes round r-1's trained weights and rewinds.
+
+    Needs only round r-1's ticket and the rewind checkpoint on disk, so each round is a unit of work alone.
+    """
+    if round_ == 0:
         _ensure_dense(job, data, params, tracker, parent)
-        rewind = load_file(str(dense_checkpoint(job, job.rewind_epoch)))
-        dirs = [_round_dir(job, 0)]
+        return round_dir(job, 0)
+    out = round_dir(job, round_)
+    if (out / TICKET_JSON).is_file():
+        _catch_up_registration(job, out, params, tracker, parent)
+        return out
+    rewind = load_file(str(dense_checkpoint(job, job.rewind_epoch)))
+    prev = load_ticket(round_dir(job, round_ - 1), with_trained=True)
+    assert prev.trained is not None
+    mask = prune_global(prev.trained, prev.mask, params.imp.pruning_rate)
+    return _train_round(job, round_, data, params, tracker, parent, apply_mask(rewind, mask), mask, [])
+
+
+def run_imp(job: ImpJob, params: Params, tracker: Tracker | None = None) -> list[Path]:
+    """Run (or finish) an IMP job, the local executor's loop over imp_round; returns rounds 0..job.rounds."""
+    tracker = tracker or NullTracker()
+    data = load_job_data(job, params)
+    experiment, name, job_params, tags = job_run(job, params)
+    with tracker.job(experiment, name, params=job_params, tags=tags) as parent:
+        dirs = [imp_round(job, 0, data, params, tracker, parent)]
         for round_ in tqdm(range(1, job.rounds + 1), desc=f"imp {job.label} s{job.seed}", unit="round",
                            disable=None):
-            out = _round_dir(job, round_)
-            if (out / TICKET_JSON).is_file():
-                _catch_up_registration(job, out, params, tracker, parent)
-                dirs.append(out)
-                continue
-            prev = load_ticket(_round_dir(job, round_ - 1), with_trained=True)
-            assert prev.trained is not None
-            mask = prune_global(prev.trained, prev.mask, params.imp.pruning_rate)
-            out = _train_round(job, round_, data, params, tracker, parent, apply_mask(rewind, mask), mask, [])
-            dirs.append(out)
+            dirs.append(imp_round(job, round_, data, params, tracker, parent))
         parent.log_metrics({"rounds_done": float(job.rounds)})
     return dirs
-

@@ -21,7 +21,7 @@ from lth.data.registry import get_spec
 from lth.data.store import PreparedDataset, load_prepared, read_dataset_meta
 from lth.errors import UserError
 from lth.fsutil import atomic_write_json, atomic_write_text
-from lth.study.imp import make_job, run_imp
+from lth.study.imp import ImpJob, make_job, round_dir, run_imp
 from lth.models import build_model, replace_head
 from lth.pruning import apply_mask, full_mask, sparsity
 from lth.tickets import TicketMeta, load_ticket, read_ticket_meta, ticket_dir
@@ -168,19 +168,37 @@ def run_finetune(ft: FineTune, data: PreparedDataset, params: Params, tracker: T
     return run_step(tracker, parent, model, data, params, step, save)
 
 
-def size_rows(target: str, params: Params, tracker: Tracker) -> list[dict]:
-    """The `size` arm: the target's tickets found (and trained) on reduced training splits."""
+def size_jobs(target: str, params: Params) -> list[ImpJob]:
+    """The `size` arm's IMP jobs: the target's tickets found on each reduced training fraction, per seed."""
+    return [make_job(target, seed, params, train_fraction=fraction)
+            for fraction in params.transfer.size_fractions for seed in params.transfer.seeds]
+
+
+def _size_rows(target: str, params: Params) -> list[dict]:
+    """The `size` arm's rows: its tickets' own (trained and tested) metrics, read from their ticket.json."""
     rows = []
-    for fraction in params.transfer.size_fractions:
-        for seed in params.transfer.seeds:
-            job = make_job(target, seed, params, train_fraction=fraction)
-            for d in run_imp(job, params, tracker):
-                meta = read_ticket_meta(d)
-                if meta.round not in arm_rounds(params, "size"):
-                    continue
-                rows.append(result_row(target, "size", target, seed, meta.round, fraction,
-                                       {**meta.metrics, "fraction_pruned": meta.sparsity}))
+    for job in size_jobs(target, params):
+        for r in range(job.rounds + 1):
+            meta = read_ticket_meta(round_dir(job, r))
+            if meta.round not in arm_rounds(params, "size"):
+                continue
+            rows.append(result_row(target, "size", target, job.seed, meta.round, job.train_fraction,
+                                   {**meta.metrics, "fraction_pruned": meta.sparsity}))
     return rows
+
+
+def write_results_csv(target: str, params: Params, arms: tuple[str, ...]) -> Path:
+    """Assemble results/transfer/<target>.csv from the finished units' rows on disk (every executor ends here)."""
+    runs_dir = results_dir(params, target) / "runs"
+    rows = [json.loads((runs_dir / f"{ft.key}.json").read_text()) for ft in plan(target, params, arms)]
+    if "size" in arms:
+        rows.extend(_size_rows(target, params))
+    # dvc.yaml declares models/size/<target> as an out, so it must exist even when the size arm is off
+    (Path(params.paths.models) / "size" / target).mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows, columns=COLUMNS).sort_values(["arm", "source", "size_fraction", "seed", "round"])
+    csv = results_csv(params, target)
+    atomic_write_text(csv, frame.to_csv(index=False, float_format="%.6g"))
+    return csv
 
 
 def run_transfer(target: str, params: Params, tracker: Tracker | None = None,
@@ -192,23 +210,19 @@ def run_transfer(target: str, params: Params, tracker: Tracker | None = None,
     check_transfer_inputs(target, params, todo)
     data = load_prepared(params.paths.data, target)
     runs_dir = results_dir(params, target) / "runs"
-    job_params = flatten(params.transfer, "transfer") | flatten(params.train, "train") | {"target": target}
-    rows: list[dict] = []
-    with tracker.job(f"transfer/{target}", f"transfer {target}", params=job_params,
-                     tags={"target": target, "arch": params.model.name}) as parent:
+    experiment, name, job_params, tags = job_run(target, params)
+    with tracker.job(experiment, name, params=job_params, tags=tags) as parent:
         for ft in tqdm(todo, desc=f"transfer {target}", unit="run", disable=None):
             out = runs_dir / f"{ft.key}.json"
-            if out.is_file():
-                rows.append(json.loads(out.read_text()))
-                continue
-            row = run_finetune(ft, data, params, tracker, parent, save_to=out)
-            rows.append(row)
+            if not out.is_file():
+                run_finetune(ft, data, params, tracker, parent, save_to=out)
         if "size" in arms:
-            rows.extend(size_rows(target, params, tracker))
-    # dvc.yaml declares models/size/<target> as an out, so it must exist even when the size arm is off
-    (Path(params.paths.models) / "size" / target).mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame(rows, columns=COLUMNS).sort_values(["arm", "source", "size_fraction", "seed", "round"])
-    csv = results_csv(params, target)
-    atomic_write_text(csv, frame.to_csv(index=False, float_format="%.6g"))
-    return csv
+            for job in size_jobs(target, params):
+                run_imp(job, params, tracker)
+    return write_results_csv(target, params, arms)
 
+
+def job_run(target: str, params: Params) -> tuple[str, str, dict, dict[str, str]]:
+    """Experiment, name, params and tags of a target's transfer parent MLflow run."""
+    job_params = flatten(params.transfer, "transfer") | flatten(params.train, "train") | {"target": target}
+    return f"transfer/{target}", f"transfer {target}", job_params, {"target": target, "arch": params.model.name}

@@ -32,6 +32,7 @@ class Tracker(Protocol):
             tags: Mapping[str, str]) -> contextlib.AbstractContextManager[Run]: ...
     def child(self, parent: Run, run_name: str, *, params: Mapping[str, Any],
               tags: Mapping[str, str]) -> contextlib.AbstractContextManager[Run]: ...
+    def attach(self, run_id: str, tags: Mapping[str, str]) -> contextlib.AbstractContextManager[Run]: ...
     def register_ticket(self, run: Run, ticket_dir: Path, meta: TicketMeta) -> None: ...
     def ensure_registered(self, parent: Run, run_name: str, ticket_dir: Path, meta: TicketMeta, *,
                           params: Mapping[str, Any], tags: Mapping[str, str],
@@ -64,6 +65,10 @@ class NullTracker:
     @contextlib.contextmanager
     def child(self, parent: Run, run_name: str, *, params: Mapping[str, Any],
               tags: Mapping[str, str]) -> Iterator[Run]:
+        yield NullRun()
+
+    @contextlib.contextmanager
+    def attach(self, run_id: str, tags: Mapping[str, str]) -> Iterator[Run]:
         yield NullRun()
 
     def register_ticket(self, run: Run, ticket_dir: Path, meta: TicketMeta) -> None:

@@ -189,6 +189,19 @@ class MlflowTracker:
         with self._lifetime(run, wait=False):
             yield run
 
+    @contextlib.contextmanager
+    def attach(self, run_id: str, tags: Mapping[str, str]) -> Iterator[Run]:
+        """A job's parent run that another process opened (a cluster's driver), to nest this process's runs under.
+
+        Leaves only once this process's queued writes are stored, so a worker returns its unit when its runs,
+        metrics and registered tickets are on the server (and its scratch ticket files may go).
+        """
+        info = self.store.call(self.store.client.get_run, run_id).info
+        try:
+            yield MlflowRun(self.store, info, tags=tags, **self._run_options)
+        finally:
+            self.store.drain()
+
     def register_ticket(self, run: Run, ticket_dir: Path, meta: TicketMeta) -> None:
         """Upload the ticket directory under `ticket/` and make it a version of ticket-<source>-<arch>.
 
@@ -220,3 +233,4 @@ class MlflowTracker:
 def get_tracker(params: Params) -> MlflowTracker:
     """The study's MLflow tracker (checks a tracking server is reachable before any training)."""
     return MlflowTracker(params.tracking)
+
