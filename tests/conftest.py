@@ -27,7 +27,7 @@ def tiny_raw(tmp: Path, **overrides) -> dict:
         "transfer": {"targets": ["digits"], "sources": ["fashion-mnist"], "seeds": [0],
                      "related": [], "size_fractions": [0.5]},
         "tune": {"rewind_epochs": [0, 2]},
-        "tracking": {"register": False},
+        "tracking": {"register": False, "system_metrics": False},
     }
     for section, values in overrides.items():
         raw[section] = {**raw.get(section, {}), **values}

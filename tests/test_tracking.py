@@ -41,6 +41,7 @@ def write_toy(data_root: Path, name: str = "toy", seed: int = 0) -> None:
 def tiny_params(root: Path, *, rounds: int = ROUNDS, **tracking_cfg: Any) -> Params:
     """A study small enough that IMP runs in seconds on a CPU; tracking into root/mlflow.db unless given."""
     tracking_cfg.setdefault("uri", f"sqlite:///{root / 'mlflow.db'}")
+    tracking_cfg.setdefault("system_metrics", False)
     raw = {
         "paths": {"data": str(root / "data"), "models": str(root / "models")},
         "prepare": {"image_size": 12, "datasets": {"toy": {}}},

@@ -23,7 +23,7 @@ from lth.models import build_model
 from lth.provenance import code_version, data_version
 from lth.pruning import Mask, apply_mask, full_mask, prune_global, sparsity, sparsity_report
 from lth.tickets import MASK, TICKET_JSON, TicketMeta, load_ticket, read_ticket_meta, save_ticket, ticket_dir
-from lth.tracking import NullTracker, Run, Tracker
+from lth.tracking import NullTracker, Run, Tracker, dataset_inputs
 from lth.training import EpochMetrics, evaluate, fit, summary_metrics
 
 DENSE = "dense"  # <seed dir>/dense/epochNN.safetensors: the dense run's early checkpoints (rewind points)
@@ -129,6 +129,7 @@ def _train_round(
     name, run_params, tags = _round_run(job, round_, frac, params)
     ckpt = job.out_dir / ".checkpoints" / f"round{round_:02d}.safetensors"
     with tracker.child(parent, name, params=run_params, tags=tags) as run:
+        run.log_inputs(dataset_inputs(params.paths.data, data, train_fraction=job.train_fraction))
         result = fit(model, data.train, data.val, norm, params.train, seed=job.seed * 1000 + round_, mask=mask,
                      keep_epochs=keep_epochs, on_epoch=_log_epoch(run), desc=name, checkpoint=ckpt)
         model.load_state_dict(result.best_state)
@@ -184,6 +185,7 @@ def run_imp(job: ImpJob, params: Params, tracker: Tracker | None = None) -> list
     tags = {"source": job.source, "seed": str(job.seed), "arch": params.model.name,
             "data_version": data_version(params.paths.data, job.source)}
     with tracker.job(f"imp/{job.source}", f"imp {job.label} s{job.seed}", params=job_params, tags=tags) as parent:
+        parent.log_inputs(dataset_inputs(params.paths.data, data, train_fraction=job.train_fraction))
         _ensure_dense(job, data, params, tracker, parent)
         rewind = load_file(str(dense_checkpoint(job, job.rewind_epoch)))
         dirs = [_round_dir(job, 0)]

@@ -26,7 +26,7 @@ from lth.study.imp import make_job, run_imp
 from lth.models import build_model, replace_head
 from lth.pruning import apply_mask, full_mask, sparsity
 from lth.tickets import TicketMeta, load_ticket, read_ticket_meta, ticket_dir
-from lth.tracking import NullTracker, Run, Tracker
+from lth.tracking import NullTracker, Run, Tracker, dataset_inputs
 from lth.training import evaluate, fit, summary_metrics
 
 COLUMNS = [
@@ -151,6 +151,9 @@ def run_finetune(ft: FineTune, data: PreparedDataset, params: Params, tracker: T
     t0 = time.perf_counter()
     with tracker.child(parent, name, params={"arm": ft.arm, "source": ft.source, "round": ft.round,
                                              "fit_seed": ft.fit_seed}, tags=tags) as run:
+        ticket = None if ft.arm == "scratch" else read_ticket_meta(ticket_dir(params.paths.models, ft.source, ft.seed,
+                                                                              ft.round))
+        run.log_inputs(dataset_inputs(params.paths.data, data), ticket=ticket)
         result = fit(model, data.train, data.val, norm, params.train, seed=ft.fit_seed, mask=mask,
                      on_epoch=lambda m: run.log_metrics(m.as_dict(), step=m.epoch), desc=name,
                      checkpoint=ckpt, lr=params.transfer.lr, max_epochs=params.transfer.max_epochs)
@@ -205,6 +208,7 @@ def run_transfer(target: str, params: Params, tracker: Tracker | None = None,
     rows: list[dict] = []
     with tracker.job(f"transfer/{target}", f"transfer {target}", params=job_params,
                      tags={"target": target, "arch": params.model.name}) as parent:
+        parent.log_inputs(dataset_inputs(params.paths.data, data))
         for ft in tqdm(todo, desc=f"transfer {target}", unit="run", disable=None):
             out = runs_dir / f"{ft.key}.json"
             if out.is_file():

@@ -26,7 +26,7 @@ from lth.data.registry import get_spec
 from lth.data.store import PreparedDataset, load_prepared, read_dataset_meta
 from lth.errors import UserError
 from lth.fsutil import atomic_write_text
-from lth.tracking import NullTracker, Run, Tracker
+from lth.tracking import NullTracker, Run, Tracker, dataset_inputs
 from lth.training import EpochMetrics, fit
 from lth.study.transfer import FineTune, initial_network
 from lth.study.tune_tickets import check_settings, claim_cache, ensure_dense, ensure_ticket, study_settings
@@ -128,6 +128,7 @@ class _Objective:
                 "trial": str(trial.number), "round": str(cfg.round)}
         with self.tracker.child(self.parent, name, params={"trial": trial.number, "rewind_epoch": rewind_epoch,
                                                            "lr": lr, "round": cfg.round}, tags=tags) as run:
+            run.log_inputs(dataset_inputs(self.params.paths.data, self.data))  # its ticket is not registered
 
             def on_epoch(m: EpochMetrics) -> None:
                 history.append(m)
