@@ -144,5 +144,5 @@ Load it with the CLI (verified against its sha256s):
 and in Python:
 
     from lth.tickets import load_ticket
-    ticket = load_ticket("{out}")  # .meta, .weights (rewound), .mask, and .trained with with_trained=True
+    ticket = load_ticket("{out}", with_trained=True)  # .meta, .weights (rewound), .mask, .trained
 """
