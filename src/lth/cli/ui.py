@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+import sys
 import webbrowser
 from pathlib import Path
 
@@ -29,6 +32,7 @@ def ui(host: str, port: int, open_browser: bool, params_path: str) -> None:
     serve = store.uri.startswith(("sqlite:", "file:", "postgresql", "mysql"))  # a server URI is already a UI
     base = f"http://{host}:{port}" if serve else redact(store.uri).rstrip("/")
     proc = start_server(store.uri, host, port) if serve else None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` stops the server too (the finally below)
     try:
         if proc is not None:
             wait_ready(proc, base)
@@ -45,6 +49,16 @@ def ui(host: str, port: int, open_browser: bool, params_path: str) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # its own group: the server and its workers
-            proc.wait()
+        if proc is not None:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the server and its workers (its own process group): politely, then for good after 15 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=15)
+    with contextlib.suppress(ProcessLookupError):  # workers that outlive the server, or a server that hangs
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
