@@ -17,7 +17,7 @@ from test_tracking import _parents_and_children, study, tiny_params, write_toy  
 from lth.config import TrackingConfig
 from lth.data.store import load_prepared, read_dataset_meta
 from lth.provenance import git_branch
-from lth.study.transfer import run_transfer
+from lth.study.transfer import FineTune, run_finetune
 from lth.tickets import WEIGHTS, read_ticket_meta, ticket_dir
 from lth.tracking import dataset_inputs
 from lth.tracking.inputs import split_digest
@@ -96,7 +96,7 @@ def test_ticket_versions_carry_a_description_and_a_signature(study: dict[str, An
         assert f"seed {meta.seed}, IMP round {meta.round}" in mv.description
         assert f"lth tickets fetch --source toy --seed {meta.seed} --sparsity {meta.sparsity:.4f}" in mv.description
         assert "load_ticket(" in mv.description
-        got = client.download_artifacts(mv.run_id, "ticket/MLmodel", str(tmp_path / mv.version))
+        got = client.download_artifacts(mv.run_id, "ticket/MLmodel", str(tmp_path / str(mv.version)))
         signature = yaml.safe_load(Path(got).read_text())["signature"]
         [inp], [out] = json.loads(signature["inputs"]), json.loads(signature["outputs"])
         assert inp["tensor-spec"] == {"dtype": "float32", "shape": [-1, 3, -1, -1]}
@@ -105,9 +105,12 @@ def test_ticket_versions_carry_a_description_and_a_signature(study: dict[str, An
 
 def test_a_fine_tune_links_the_ticket_version_it_started_from(study: dict[str, Any], tmp_path: Path) -> None:
     p = study["params"]
-    params = replace(p, paths=replace(p.paths, results=str(tmp_path / "results")),
-                     transfer=replace(p.transfer, seeds=(0,), rounds=(1,), arms=("scratch", "transfer")))
-    run_transfer("toy", params, get_tracker(params), arms=("scratch", "transfer"))
+    params = replace(p, paths=replace(p.paths, results=str(tmp_path / "results")))
+    tracker = get_tracker(params)
+    data = load_prepared(p.paths.data, "toy")
+    with tracker.job("transfer/toy", "transfer toy", params={}, tags={}) as parent:
+        for ft in (FineTune("toy", "scratch", "", 0, 0), FineTune("toy", "transfer", "toy", 0, 1)):
+            run_finetune(ft, data, params, tracker, parent)
     client = study["client"]
     _, children = _parents_and_children(client, "transfer/toy")
     runs = {r.data.tags["arm"]: r for r in children}
