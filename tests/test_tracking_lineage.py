@@ -4,6 +4,9 @@ experiments that open in the training view; system metrics per job."""
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -138,3 +141,17 @@ def test_system_metrics_are_logged_per_job_when_on(tmp_path: Path, monkeypatch: 
         assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= have
     else:
         assert have == set()
+
+
+def test_lth_ui_on_a_busy_port_says_so_in_one_line(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run([shutil.which("lth") or "lth", "ui", "--port", str(port), "--params", str(params)],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert f"port {port} on 127.0.0.1 is in use" in line and "--port" in line

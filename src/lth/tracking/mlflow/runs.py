@@ -14,9 +14,9 @@ from lth.tracking.mlflow.registry import TicketRegistry, ticket_alias
 from lth.tracking.mlflow.store import Store, _chunks
 
 MAX_PARAM_LEN, MAX_TAG_LEN = 6000, 8000  # MLflow's value limits
+METRICS_PER_BATCH, PARAMS_TAGS_PER_BATCH = 1000, 100  # MLflow's log_batch limits
 CONTEXT_TAG = "mlflow.data.context"  # the input tag MLflow's UI shows beside a dataset (train, validation...)
 TICKET_TAG = "lth.ticket"  # on a fine-tune: models:/ticket-<source>-<arch>/<version> it started from
-METRICS_PER_BATCH, PARAMS_TAGS_PER_BATCH = 1000, 100  # MLflow's log_batch limits
 
 
 class MlflowRun:
@@ -90,7 +90,8 @@ class MlflowRun:
     def _log_inputs(self, entities: list[DatasetInput], ticket: TicketMeta | None) -> None:
         if ticket is not None:
             version = TicketRegistry(self.store).version_of(ticket)
-            if version is not None:  # not registered (registration off, another store): the tags still say which
+            # None: not registered here (registration off, another store); the run's tags still name the ticket
+            if version is not None:
                 uri = f"models:/{version.name}/{version.version}"
                 entities.append(DatasetInput(
                     Dataset(name=version.name, digest=ticket.sha256.get(WEIGHTS, "")[:16], source_type="models",
