@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup system-deps demo test test-fast bench clean
+.PHONY: setup system-deps demo ui test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,9 @@ demo: setup system-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s: open reports/index.html; run 'make ui' for MLflow"
 
+# MLflow's UI on 127.0.0.1:5000, opened on the study's runs (PORT=5001 make ui for another port).
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/lth ui --port $(or $(PORT),5000) --open
 
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q

@@ -1,7 +1,8 @@
 """No-op `dvc repro` wall time (target <= 2 s) and the whole demo's wall time (target <= 10 min).
 
-Never touches the repository's own data: a temp copy of the working tree (tracked and untracked, not ignored
-files) runs a shrunken pipeline with the demo's stage graph (same datasets, sources and seeds, so the same 13
+Never touches the repository's own data: a temp copy of the source tree (tracked and untracked, not ignored
+files, but nothing a run of the study left behind: no outputs under params.yaml's paths, no dvc.lock, no MLflow
+store) runs a shrunken pipeline with the demo's stage graph (same datasets, sources and seeds, so the same 13
 stages; fewer images, epochs, rounds and trials), then `dvc repro` is timed again with nothing to do.
 The demo: `--demo-log PATH` reads "demo finished in N s" from a `make demo` log; `--full` runs the real
 params.yaml in the temp copy (minutes).
@@ -26,12 +27,21 @@ BIN = ROOT / ".venv" / "bin"
 UP_TO_DATE = ("Data and pipelines are up to date", "didn't change, skipping")
 
 
-def _copy_tree(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+def _left_behind(root: Path) -> tuple[tuple[str, ...], set[str]]:
+    """Folders and files a run of the study writes (e.g. results/tune/optuna.db after `make demo`)."""
+    paths = (yaml.safe_load((root / "params.yaml").read_text()) or {}).get("paths", {})
+    folders = [f"{paths.get('data', 'data')}/prepared"] + [paths.get(k, k) for k in ("models", "results", "reports")]
+    return tuple(f"{f.rstrip('/')}/" for f in folders) + ("mlruns/", "benchmarks/results/"), {"dvc.lock", "mlflow.db"}
+
+
+def _copy_tree(dest: Path, root: Path = ROOT) -> None:
+    """The source tree into `dest` (a fresh git repo), without anything a previous run left behind."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, check=True,
                            capture_output=True, text=True).stdout.split("\0")
+    folders, names = _left_behind(root)
     for rel in filter(None, files):
-        src = ROOT / rel
-        if src.is_file() and not rel.startswith("benchmarks/results/"):
+        src = root / rel
+        if src.is_file() and not rel.startswith(folders) and rel not in names:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)

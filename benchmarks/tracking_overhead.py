@@ -2,7 +2,9 @@
 
 Every MLflow client call of lth goes through tracking.Store (call on the job's thread; submit/call_later queue
 writes for the tracker's writer thread, and drain waits for them at the job's end). Those, the tracker's
-construction (reachability check, client) and the provenance tags (git) are timed by wrapping them: the share is
+construction (reachability check, client), the provenance tags (git) and MLflow's system metrics monitor
+(tracking.system_metrics, on as in params.yaml: started and stopped by the job, sampling on its own thread) are
+timed by wrapping them: the share is
 the time the job's own thread spends in them. As a cross-check, the same job also runs untracked, alternating
 with the tracked one, and the wall-time difference is reported. Importing mlflow, paid once per `lth` process,
 is measured apart in fresh interpreters (median of alternating runs with and without it).
@@ -21,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from mlflow import MlflowClient
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from benchmarks.common import median, report
 from lth.study import imp
@@ -44,7 +49,8 @@ def _params(tmp: Path, rounds: int | None, epochs: int | None):
     raw["imp"] |= {"sources": ["fashion-mnist"], "seeds": [0], "rounds": rounds}
     raw["train"] |= {"max_epochs": epochs, "device": "cpu"}
     raw["tune"] |= {"rewind_epochs": [0, min(epochs, raw["imp"]["keep_epochs"])], "max_epochs": epochs}
-    raw["tracking"] = {"uri": f"sqlite:///{tmp}/mlflow.db", "register": True, "artifact_location": None}
+    raw["tracking"] = {"uri": f"sqlite:///{tmp}/mlflow.db", "register": True, "artifact_location": None,
+                       "system_metrics": True}  # as params.yaml: jobs log system metrics
     return params_from_dict(raw)
 
 
@@ -131,6 +137,13 @@ def _import_seconds(repeats: int) -> float:
     return median(samples)
 
 
+# tracking.system_metrics (on, as in params.yaml): starting and stopping the monitor on the job's thread; on its
+# own thread, sampling (psutil), the run-status check with a fresh client, and logging each sample.
+SYSTEM_METRICS = ((SystemMetricsMonitor, "__init__"), (SystemMetricsMonitor, "start"), (SystemMetricsMonitor, "finish"),
+                  (SystemMetricsMonitor, "collect_metrics"), (SystemMetricsMonitor, "publish_metrics"),
+                  (MlflowClient, "__init__"), (MlflowClient, "get_run"))
+
+
 def _job_seconds(params, make_tracker) -> float:
     """Wall time of the demo's IMP job for fashion-mnist, seed 0, in a fresh models folder, tracker included."""
     job = imp.make_job("fashion-mnist", 0, params)
@@ -174,7 +187,7 @@ def run(args) -> dict:
                 timer = _Timer()
                 for owner, name in ((tracking_mlflow.Store, "call"), (tracking_mlflow.Store, "submit"),
                                     (tracking_mlflow.Store, "drain"), (tracking_mlflow.MlflowTracker, "__init__"),
-                                    (tracking_trackers, "_provenance_tags")):
+                                    (tracking_trackers, "_provenance_tags"), *SYSTEM_METRICS):
                     timer.wrap(owner, name)
                 try:
                     wall[kind] = _job_seconds(p, lambda: tracking_mlflow.MlflowTracker(p.tracking))

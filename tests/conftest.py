@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from helpers import make_dataset, tiny_raw
+from mlflow import MlflowClient
+
+from helpers import make_dataset, tiny_params, tiny_raw, write_toy
+from lth.study.imp import make_job, run_imp
+from lth.tracking.mlflow import get_tracker
 from lth.config import Params, params_from_dict
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -36,3 +41,14 @@ def trained_epochs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
 
     monkeypatch.setattr(state, "train_pass", counting)
     return calls
+
+
+@pytest.fixture(scope="module")
+def tracked_imp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One IMP job (rounds 0..2) on the toy source, tracked into a fresh sqlite store."""
+    root = tmp_path_factory.mktemp("study")
+    write_toy(root / "data")
+    params = tiny_params(root)
+    dirs = run_imp(make_job("toy", 0, params), params, get_tracker(params))
+    uri = params.tracking.uri
+    return {"root": root, "params": params, "dirs": dirs, "uri": uri, "client": MlflowClient(uri, uri)}

@@ -44,7 +44,7 @@ def tiny_raw(tmp: Path, **overrides) -> dict:
         "transfer": {"targets": ["digits"], "sources": ["fashion-mnist"], "seeds": [0],
                      "related": [], "size_fractions": [0.5]},
         "tune": {"rewind_epochs": [0, 2]},
-        "tracking": {"register": False},
+        "tracking": {"register": False, "system_metrics": False},
     }
     for section, values in overrides.items():
         raw[section] = {**raw.get(section, {}), **values}
@@ -249,3 +249,20 @@ def write_results(tmp_path: Path, df: pd.DataFrame | None = None, seeds: tuple[i
     for target, rows in df.groupby("target"):
         rows.to_csv(out / f"{target}.csv", index=False)
     return params
+
+
+# ---------------------------------------------------------------- MLflow runs
+
+
+def runs_of(client: Any, experiment: str) -> list[Any]:
+    """Every run of an MLflow experiment (it must exist)."""
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} missing"
+    return client.searchruns_of([exp.experiment_id], max_results=1000)
+
+
+def parents_and_children(client: Any, experiment: str) -> tuple[list[Any], list[Any]]:
+    """An experiment's parent runs and nested runs."""
+    runs = runs_of(client, experiment)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,20 @@ def test_summary_renders_the_committed_results() -> None:
     for name in ("mask_overhead", "data_path", "tracking_overhead", "pipeline"):
         assert f"## {name}" in text
     assert "not met" not in text.split("## gpu")[0]  # every CPU target holds in the committed figures
+
+
+def test_the_pipeline_benchmark_copies_the_source_not_a_previous_run(tmp_path: Path) -> None:
+    """After `make demo` (outputs not ignored, e.g. results/tune/optuna.db), the temp copy starts from scratch."""
+    from benchmarks import pipeline
+
+    root, dest = tmp_path / "repo", tmp_path / "copy"
+    left = ["results/tune/optuna.db", "models/tune/x.safetensors", "data/prepared/digits/meta.json",
+            "reports/index.html", "dvc.lock", "mlflow.db", "mlruns/1/meta.yaml"]
+    for rel in ["params.yaml", "dvc.yaml", "src/lth/x.py", "data/raw/digits.dvc", *left]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("paths: {data: data, models: models, results: results, reports: reports}\n")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "add", "params.yaml", "dvc.yaml", "src", "data/raw"], cwd=root, check=True)
+    pipeline._copy_tree(dest, root)
+    copied = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and ".git" not in p.parts}
+    assert copied == {"params.yaml", "dvc.yaml", "src/lth/x.py", "data/raw/digits.dvc"}

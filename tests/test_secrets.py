@@ -42,8 +42,11 @@ def test_no_secret_in_any_output(tmp_path: Path) -> None:
 
 
 def test_servers_started_by_lth_bind_localhost() -> None:
-    """lth's own code starts no server; the ones the project starts (Makefile, README) bind 127.0.0.1."""
-    code = "\n".join(p.read_text() for p in (ROOT / "src").rglob("*.py"))
+    """lth starts one server, `lth ui`, on 127.0.0.1 unless told otherwise; the project's (Makefile) bind 127.0.0.1."""
+    ui = ROOT / "src" / "lth" / "tracking" / "mlflow" / "ui.py"  # `lth ui`: MLflow's UI, started only on request
+    code = "\n".join(p.read_text() for p in (ROOT / "src").rglob("*.py") if p != ui)
+    assert '"--host", host' in ui.read_text()
+    assert re.search(r'"--host", default="127\.0\.0\.1"', (ROOT / "src" / "lth" / "cli" / "ui.py").read_text())
     assert not re.search(r"0\.0\.0\.0|serve_forever|uvicorn|\.bind\(|Popen\(|os\.system\(|\[.mlflow., .(server|ui).", code)
     for name in ("Makefile", "MLproject", "dvc.yaml"):  # what the project itself runs (README examples are the user's)
         path = ROOT / name

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from helpers import tiny_params, write_toy
+from helpers import parents_and_children, runs_of, tiny_params, write_toy
 from lth.tracking import mlflow as tracking
 from lth.tracking.mlflow import trackers
 from lth.cli.tickets import tickets
@@ -27,35 +27,12 @@ from lth.tracking.mlflow import MlflowTracker
 ROUNDS = 2  # tiny_params' default
 
 
-@pytest.fixture(scope="module")
-def tracked_imp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One IMP job (rounds 0..2) on the toy source, tracked into a fresh sqlite store."""
-    root = tmp_path_factory.mktemp("study")
-    write_toy(root / "data")
-    params = tiny_params(root)
-    dirs = run_imp(make_job("toy", 0, params), params, get_tracker(params))
-    uri = params.tracking.uri
-    return {"root": root, "params": params, "dirs": dirs, "uri": uri, "client": MlflowClient(uri, uri)}
-
-
-def _runs(client: MlflowClient, experiment: str) -> list[Any]:
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, f"experiment {experiment} missing"
-    return client.search_runs([exp.experiment_id], max_results=1000)
-
-
-def _parents_and_children(client: MlflowClient, experiment: str) -> tuple[list[Any], list[Any]]:
-    runs = _runs(client, experiment)
-    parents = [r for r in runs if tracking.PARENT_TAG not in r.data.tags]
-    return parents, [r for r in runs if tracking.PARENT_TAG in r.data.tags]
-
-
 # ---------------------------------------------------------------- runs
 
 
 def test_imp_job_is_one_parent_run_with_a_nested_run_per_round(tracked_imp: dict[str, Any]) -> None:
     client = tracked_imp["client"]
-    parents, children = _parents_and_children(client, "imp/toy")
+    parents, children = parents_and_children(client, "imp/toy")
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.run_name == "imp toy s0" and parent.info.status == "FINISHED"
@@ -72,7 +49,7 @@ def test_imp_job_is_one_parent_run_with_a_nested_run_per_round(tracked_imp: dict
 
 def test_every_epoch_is_logged_with_its_step(tracked_imp: dict[str, Any]) -> None:
     client = tracked_imp["client"]
-    _, children = _parents_and_children(client, "imp/toy")
+    _, children = parents_and_children(client, "imp/toy")
     for child in children:
         epochs = int(child.data.metrics["epochs"])
         history = client.get_metric_history(child.info.run_id, "train_loss")
@@ -97,14 +74,14 @@ def test_rerunning_a_job_reuses_its_parent_run(tmp_path: Path) -> None:
     client = MlflowClient(params.tracking.uri, params.tracking.uri)
     run_imp(make_job("toy", 0, params), params, get_tracker(params))
     run_imp(make_job("toy", 0, params), params, get_tracker(params))  # nothing left to do
-    parents, children = _parents_and_children(client, "imp/toy")
+    parents, children = parents_and_children(client, "imp/toy")
     assert len(parents) == 1 and len(children) == 2
     # A killed job resumed later: round 1 missing again -> same parent, one new nested run.
     import shutil
 
     shutil.rmtree(tmp_path / "models" / "tickets" / "toy" / "seed0" / "round01")
     run_imp(make_job("toy", 0, params), params, get_tracker(params))
-    parents, children = _parents_and_children(client, "imp/toy")
+    parents, children = parents_and_children(client, "imp/toy")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(c.info.run_name for c in children) == ["imp toy s0 r00", "imp toy s0 r01", "imp toy s0 r01"]
     assert {c.data.tags[tracking.PARENT_TAG] for c in children} == {parents[0].info.run_id}
@@ -381,7 +358,7 @@ def test_resume_registers_a_ticket_a_killed_try_left_unregistered(tmp_path: Path
     name = tracking.registered_model_name("toy", params.model.name)
     with pytest.raises(MlflowException):
         client.get_model_version_by_alias(name, "r02-s0")
-    runs_before = len(_runs(client, "imp/toy"))
+    runs_before = len(runs_of(client, "imp/toy"))
 
     dirs = run_imp(job, params, get_tracker(params))  # every round is on disk: nothing trains
     version = client.get_model_version_by_alias(name, "r02-s0")
@@ -390,12 +367,12 @@ def test_resume_registers_a_ticket_a_killed_try_left_unregistered(tmp_path: Path
     catch_up = client.get_run(version.run_id)
     assert catch_up.data.tags["lth.registered_on_resume"] == "true" and catch_up.info.run_name == "imp toy s0 r02"
     assert "test_acc" in catch_up.data.metrics and catch_up.info.status == "FINISHED"
-    assert len(_runs(client, "imp/toy")) == runs_before + 1  # rounds 0 and 1 were registered: left alone
+    assert len(runs_of(client, "imp/toy")) == runs_before + 1  # rounds 0 and 1 were registered: left alone
     assert len(client.search_model_versions(f"name = '{name}'")) == ROUNDS + 1
 
     run_imp(job, params, get_tracker(params))  # idempotent: a third run adds nothing
     assert len(client.search_model_versions(f"name = '{name}'")) == ROUNDS + 1
-    assert len(_runs(client, "imp/toy")) == runs_before + 1
+    assert len(runs_of(client, "imp/toy")) == runs_before + 1
 
 
 def test_a_job_under_mlflow_run_links_the_project_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

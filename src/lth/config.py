@@ -218,6 +218,7 @@ class TrackingConfig:
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<abs>/mlflow.db
     register: bool = True  # register every ticket as a model version
     artifact_location: str | None = None  # e.g. s3://bucket/mlflow for new experiments
+    system_metrics: bool = True  # log each job's CPU, memory (and GPU) use as MLflow system metrics, every 10 s
 
 
 def _gpu_share(value: float) -> bool:

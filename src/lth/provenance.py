@@ -28,6 +28,18 @@ def git_commit() -> str:
     return sha + ("+dirty" if dirty else "")
 
 
+@functools.lru_cache(maxsize=1)
+def git_branch() -> str:
+    """The checkout's branch, or '' (detached HEAD, outside git)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        branch = subprocess.run(["git", "-C", str(root), "rev-parse", "--abbrev-ref", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return "" if branch == "HEAD" else branch
+
+
 def code_version() -> str:
     """Package version plus the git commit when known."""
     commit = git_commit()

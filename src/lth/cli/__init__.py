@@ -44,8 +44,9 @@ def _register_subcommands() -> None:
     from lth.cli.study import imp_cmd, study, transfer_cmd
     from lth.cli.tickets import tickets
     from lth.cli.tune import tune
+    from lth.cli.ui import ui
 
-    for command in (datasets_cmd, prepare_cmd, imp_cmd, transfer_cmd, pull, build, tune, report, tickets, study):
+    for command in (datasets_cmd, prepare_cmd, imp_cmd, transfer_cmd, pull, build, tune, report, tickets, study, ui):
         cli.add_command(command)
 
 

@@ -22,7 +22,7 @@ from lth.models import build_model
 from lth.provenance import code_version, data_version
 from lth.pruning import Mask, apply_mask, full_mask, prune_global, sparsity, sparsity_report
 from lth.tickets import MASK, TICKET_JSON, TicketMeta, load_ticket, read_ticket_meta, save_ticket, ticket_dir
-from lth.tracking import NullTracker, Run, Tracker
+from lth.tracking import NullTracker, Run, Tracker, dataset_inputs
 from lth.study.step import Step, StepResult, end_metrics, run_step
 
 DENSE = "dense"  # <seed dir>/dense/epochNN.safetensors: the dense run's early checkpoints (rewind points)
@@ -140,7 +140,8 @@ def _train_round(
     name, run_params, tags = _round_run(job, round_, frac, params)
     step = Step(name, run_params, tags, seed=job.seed * 1000 + round_, mask=mask,
                 checkpoint=job.out_dir / ".checkpoints" / f"round{round_:02d}.safetensors",
-                keep_epochs=tuple(keep_epochs), extra={"sparsity": frac})
+                keep_epochs=tuple(keep_epochs), extra={"sparsity": frac},
+                train_fraction=job.train_fraction)
 
     def save(run: Run, done: StepResult | None) -> Path:
         assert done is not None
@@ -228,6 +229,7 @@ def run_imp(job: ImpJob, params: Params, tracker: Tracker | None = None) -> list
     data = load_job_data(job, params)
     experiment, name, job_params, tags = job_run(job, params)
     with tracker.job(experiment, name, params=job_params, tags=tags) as parent:
+        parent.log_inputs(dataset_inputs(params.paths.data, data, train_fraction=job.train_fraction))
         dirs = [imp_round(job, 0, data, params, tracker, parent)]
         for round_ in tqdm(range(1, job.rounds + 1), desc=f"imp {job.label} s{job.seed}", unit="round",
                            disable=None):

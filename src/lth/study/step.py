@@ -21,7 +21,8 @@ from lth.config import Params
 from lth.data.loader import Normalizer
 from lth.data.store import PreparedDataset
 from lth.pruning import Mask
-from lth.tracking import Run, Tracker
+from lth.tickets import TicketMeta
+from lth.tracking import Run, Tracker, dataset_inputs
 from lth.training import EpochMetrics, FitResult, evaluate, fit
 
 T = TypeVar("T")
@@ -52,6 +53,8 @@ class Step:
     max_epochs: int | None = None
     test: bool = True  # tuning chooses on validation only and never looks at the test split
     extra: Mapping[str, float] = field(default_factory=dict)  # more end metrics (sparsity, fraction_pruned)
+    train_fraction: float = 1.0  # the training split was reduced to this (its own dataset input)
+    ticket: TicketMeta | None = None  # the ticket a fine-tune starts from: an input of its run
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ def run_step(tracker: Tracker, parent: Run, model: nn.Module, data: PreparedData
     t0 = time.perf_counter()
     stopped: BaseException | None = None
     with tracker.child(parent, step.name, params=step.params, tags=step.tags) as run:
+        run.log_inputs(dataset_inputs(params.paths.data, data, train_fraction=step.train_fraction), ticket=step.ticket)
 
         def log_epoch(m: EpochMetrics) -> None:
             run.log_metrics(m.as_dict(), step=m.epoch)

@@ -25,7 +25,7 @@ from lth.study.imp import ImpJob, make_job, round_dir, run_imp
 from lth.models import build_model, replace_head
 from lth.pruning import apply_mask, full_mask, sparsity
 from lth.tickets import TicketMeta, load_ticket, read_ticket_meta, ticket_dir
-from lth.tracking import NullTracker, Run, Tracker
+from lth.tracking import NullTracker, Run, Tracker, dataset_inputs
 from lth.study.step import Step, StepResult, run_step
 
 COLUMNS = [
@@ -156,7 +156,9 @@ def run_finetune(ft: FineTune, data: PreparedDataset, params: Params, tracker: T
                 {"arm": ft.arm, "source": ft.source, "round": ft.round, "fit_seed": ft.fit_seed}, tags,
                 seed=ft.fit_seed, mask=mask,
                 checkpoint=results_dir(params, ft.target) / ".checkpoints" / f"{ft.key}.safetensors",
-                lr=params.transfer.lr, max_epochs=params.transfer.max_epochs, extra={"fraction_pruned": frac})
+                lr=params.transfer.lr, max_epochs=params.transfer.max_epochs, extra={"fraction_pruned": frac},
+                ticket=None if ft.arm == "scratch" else read_ticket_meta(
+                    ticket_dir(params.paths.models, ft.source, ft.seed, ft.round)))
 
     def save(run: Run, done: StepResult | None) -> dict:
         assert done is not None
@@ -212,6 +214,7 @@ def run_transfer(target: str, params: Params, tracker: Tracker | None = None,
     runs_dir = results_dir(params, target) / "runs"
     experiment, name, job_params, tags = job_run(target, params)
     with tracker.job(experiment, name, params=job_params, tags=tags) as parent:
+        parent.log_inputs(dataset_inputs(params.paths.data, data))
         for ft in tqdm(todo, desc=f"transfer {target}", unit="run", disable=None):
             out = runs_dir / f"{ft.key}.json"
             if not out.is_file():

@@ -9,20 +9,30 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence
+
+from lth.tracking.inputs import DataInput, dataset_inputs
 
 if TYPE_CHECKING:
     from lth.tickets import TicketMeta
 
 
+__all__ = ["DataInput", "NullRun", "NullTracker", "Run", "Tracker", "dataset_inputs"]
+
+
 class Run(Protocol):
-    """A tracked run (a job's parent run or one nested run)."""
+    """A tracked run (a job's parent run or one nested run).
+
+    `log_inputs`: the datasets it used and, for a fine-tune, the ticket it started from (the adapter links
+    the ticket's registered version).
+    """
 
     run_id: str | None
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def log_inputs(self, datasets: Sequence[DataInput], ticket: TicketMeta | None = None) -> None: ...
 
 
 class Tracker(Protocol):
@@ -51,6 +61,9 @@ class NullRun:
         pass
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_inputs(self, datasets: Sequence[DataInput], ticket: TicketMeta | None = None) -> None:
         pass
 
 

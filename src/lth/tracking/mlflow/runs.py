@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
+from lth.tickets import WEIGHTS, TicketMeta
+from lth.tracking.inputs import DataInput
+from lth.tracking.mlflow.registry import TicketRegistry, ticket_alias
 from lth.tracking.mlflow.store import Store, _chunks
 
 MAX_PARAM_LEN, MAX_TAG_LEN = 6000, 8000  # MLflow's value limits
 METRICS_PER_BATCH, PARAMS_TAGS_PER_BATCH = 1000, 100  # MLflow's log_batch limits
+CONTEXT_TAG = "mlflow.data.context"  # the input tag MLflow's UI shows beside a dataset (train, validation...)
+TICKET_TAG = "lth.ticket"  # on a fine-tune: models:/ticket-<source>-<arch>/<version> it started from
 
 
 class MlflowRun:
@@ -72,3 +78,35 @@ class MlflowRun:
         items = [RunTag(k, str(v)[:MAX_TAG_LEN]) for k, v in tags.items()]
         for chunk in _chunks(items, PARAMS_TAGS_PER_BATCH):
             self.store.call_later(self.store.client.log_batch, self.run_id, tags=chunk)
+
+    def log_inputs(self, datasets: Sequence[DataInput], ticket: TicketMeta | None = None) -> None:
+        """Queue the run's dataset inputs and, for a fine-tune, the registered ticket version it started from.
+
+        Queued behind this process's own ticket registrations, so a ticket registered earlier in the job is found.
+        """
+        entities = [dataset_input(d) for d in datasets]
+        self.store.submit(self._log_inputs, entities, ticket)
+
+    def _log_inputs(self, entities: list[DatasetInput], ticket: TicketMeta | None) -> None:
+        if ticket is not None:
+            version = TicketRegistry(self.store).version_of(ticket)
+            # None: not registered here (registration off, another store); the run's tags still name the ticket
+            if version is not None:
+                uri = f"models:/{version.name}/{version.version}"
+                entities.append(DatasetInput(
+                    Dataset(name=version.name, digest=ticket.sha256.get(WEIGHTS, "")[:16], source_type="models",
+                            source=json.dumps({"uri": uri}),
+                            profile=json.dumps({"version": int(version.version), "sparsity": round(ticket.sparsity, 4),
+                                                "alias": ticket_alias(ticket.round, ticket.seed)})),
+                    [InputTag(CONTEXT_TAG, "ticket")]))
+                self.store.call(self.store.client.set_tag, self.run_id, TICKET_TAG, uri)
+        if entities:
+            self.store.call(self.store.client.log_inputs, self.run_id, datasets=entities)
+
+
+def dataset_input(d: DataInput) -> DatasetInput:
+    """MLflow's form of one input: the split as a dataset (source: its DVC path and remote), with its context."""
+    source = {"uri": d.source} | ({"dvc_remote": d.remote} if d.remote else {})
+    profile = {"num_rows": d.rows} | dict(d.profile)
+    return DatasetInput(Dataset(name=d.name, digest=d.digest, source_type="local", source=json.dumps(source),
+                                profile=json.dumps(profile)), [InputTag(CONTEXT_TAG, d.context)])

@@ -20,6 +20,8 @@ from lth.config import TrackingConfig
 from lth.errors import UserError
 
 T = TypeVar("T")
+# Which of MLflow's UIs an experiment opens in: the runs table ("Model training"), not the GenAI traces overview.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 log = logging.getLogger(__name__)
 # MLflow announces creating and upgrading its sqlite tables at INFO on stderr; lth's stderr is for its own messages.
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
@@ -174,8 +176,8 @@ class Store:
         exp = self.call(self.client.get_experiment_by_name, name)
         if exp is None:
             try:
-                exp_id = self.call(self.client.create_experiment, name,
-                                   artifact_location=self.artifact_location(name))
+                exp_id = self.call(self.client.create_experiment, name, artifact_location=self.artifact_location(name),
+                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except MlflowException as exc:
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another process created it meanwhile
                     raise
@@ -183,6 +185,8 @@ class Store:
             exp = self.call(self.client.get_experiment, exp_id)
         elif exp.lifecycle_stage == "deleted":
             self.call(self.client.restore_experiment, exp.experiment_id)
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # created by an older lth (or by hand)
+            self.call(self.client.set_experiment_tag, exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         self.check_s3(exp.artifact_location)
         return exp.experiment_id
 

@@ -11,13 +11,15 @@ import hashlib
 import json
 import logging
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from mlflow.exceptions import MlflowException
 
 from lth.config import Params, TrackingConfig
-from lth.provenance import git_commit
+from lth.provenance import git_branch, git_commit
 from lth.tickets import TicketMeta
 from lth.tracking import Run
 from lth.tracking.mlflow.registry import TicketRegistry
@@ -25,6 +27,8 @@ from lth.tracking.mlflow.runs import MAX_TAG_LEN, MlflowRun
 from lth.tracking.mlflow.store import Store
 
 log = logging.getLogger(__name__)
+# MLflow's system metrics announce starting, stopping and "no GPU" at INFO on stderr; lth's stderr is for its own.
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 PARENT_TAG = "mlflow.parentRunId"
 JOB_KEY_TAG = "lth.job_key"
 PROJECT_RUN_ENV = "MLFLOW_RUN_ID"  # set by `mlflow run` for the command it launches
@@ -45,9 +49,25 @@ def _quote(value: str) -> str:
     return f"'{value}'"
 
 
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that started this process as a user typed it, e.g. `lth imp fashion-mnist --seed 0`."""
+    argv = sys.argv if argv is None else argv
+    prog = Path(argv[0]).name if argv else "python"
+    if prog == "__main__.py" and Path(argv[0]).parent.name == "lth":  # python -m lth
+        prog = "lth"
+    return shlex.join([prog, *argv[1:]])
+
+
 def _provenance_tags() -> dict[str, str]:
-    commit = git_commit()
-    return {"lth.git_commit": commit, "mlflow.source.git.commit": commit.split("+")[0]} if commit else {}
+    """Code provenance as MLflow's fluent API records it (its UI's Source column), plus lth's own commit tag."""
+    # PROJECT when `mlflow run` launched the command (its UI then links the project run), LOCAL otherwise.
+    tags = {"mlflow.source.name": command_line(),
+            "mlflow.source.type": "PROJECT" if os.environ.get(PROJECT_RUN_ENV) else "LOCAL"}
+    if branch := git_branch():
+        tags["mlflow.source.git.branch"] = branch
+    if commit := git_commit():
+        tags |= {"lth.git_commit": commit, "mlflow.source.git.commit": commit.split("+")[0]}
+    return tags
 
 
 class MlflowTracker:
@@ -148,13 +168,32 @@ class MlflowTracker:
         outermost = self._jobs == 0  # tune and transfer run IMP jobs inside their own
         self._jobs += 1
         try:
-            with self._lifetime(run, wait=True):
+            with self._lifetime(run, wait=True), self._system_metrics(run, outermost):
                 run.log_params(params, tags=all_tags if found else None)
                 if outermost:
                     self._link_project_run(run)
                 yield run
         finally:
             self._jobs -= 1
+
+    @contextlib.contextmanager
+    def _system_metrics(self, run: MlflowRun, outermost: bool) -> Iterator[None]:
+        """MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) on the outermost job's run.
+
+        A thread samples every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides) and logs through its
+        own client; it stops before the run ends. Jobs nested in another (tune's IMP) share the outer one's.
+        """
+        if not (self.cfg.system_metrics and outermost):
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # loads psutil
+
+        monitor = SystemMetricsMonitor(run.run_id, resume_logging=not run.fresh, tracking_uri=self.store.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def _link_project_run(self, run: MlflowRun) -> None:
         """Under `mlflow run`, tag the project's run and the job's parent run with each other's id.
