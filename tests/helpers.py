@@ -258,7 +258,7 @@ def runs_of(client: Any, experiment: str) -> list[Any]:
     """Every run of an MLflow experiment (it must exist)."""
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"experiment {experiment} missing"
-    return client.searchruns_of([exp.experiment_id], max_results=1000)
+    return client.search_runs([exp.experiment_id], max_results=1000)
 
 
 def parents_and_children(client: Any, experiment: str) -> tuple[list[Any], list[Any]]:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 from cdp import CHROMIUM, Page, browse
-from conftest import make_dataset, tiny_raw
+from helpers import make_dataset, tiny_raw
 
 from lth.data.store import read_dataset_meta
 from lth.tracking.inputs import split_digest

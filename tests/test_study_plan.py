@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_raw
+from helpers import tiny_raw
 from lth.config import ConfigError, params_from_dict
 from lth.errors import UserError
 from lth.study.engine import Scheduler, file_key, key_path, progress_line, scratch_params

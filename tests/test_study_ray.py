@@ -19,7 +19,7 @@ from typing import Iterator
 import pandas as pd
 import pytest
 
-from cli_study import BIN, lth_env, run_lth, write_study
+from helpers import BIN, lth_env, run_lth, write_cli_study
 
 pytestmark = pytest.mark.e2e
 
@@ -165,7 +165,7 @@ def finished_runs(url: str) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def serial(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("serial")
-    write_study(root, **STUDY)
+    write_cli_study(root, **STUDY)
     out = run_lth(["study", "run", "--params", "tiny.yaml"], root)
     assert out.returncode == 0, out.stderr
     return root
@@ -173,7 +173,7 @@ def serial(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_ray_matches_serial_and_survives_a_killed_worker(cluster: str, serial: Path, mlflow_server: str,
                                                          tmp_path: Path) -> None:
-    write_study(tmp_path, **STUDY, tracking={"uri": mlflow_server, "register": False})
+    write_cli_study(tmp_path, **STUDY, tracking={"uri": mlflow_server, "register": False})
     env = ray_env(tmp_path)
     driver = subprocess.Popen([str(BIN / "lth"), "study", "run", "--engine", "ray", "--address", cluster,
                                "--params", "tiny.yaml"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
@@ -221,7 +221,7 @@ def _one_line_exit_2(out: subprocess.CompletedProcess, names: str) -> None:
 
 
 def test_unit_bigger_than_any_node(cluster: str, tmp_path: Path) -> None:
-    write_study(tmp_path, **STUDY, engine={"finetune_gpus": 1})
+    write_cli_study(tmp_path, **STUDY, engine={"finetune_gpus": 1})
     out = run_lth(["study", "run", "--engine", "ray", "--address", cluster, "--params", "tiny.yaml"], tmp_path,
                   env=ray_env(tmp_path))
     _one_line_exit_2(out, "engine.finetune_gpus=1")
@@ -229,7 +229,7 @@ def test_unit_bigger_than_any_node(cluster: str, tmp_path: Path) -> None:
 
 
 def test_local_tracking_file_with_a_cluster(cluster: str, tmp_path: Path) -> None:
-    write_study(tmp_path, **STUDY)  # tracking.uri: a sqlite file under tmp_path
+    write_cli_study(tmp_path, **STUDY)  # tracking.uri: a sqlite file under tmp_path
     out = run_lth(["study", "run", "--engine", "ray", "--address", cluster, "--params", "tiny.yaml"], tmp_path,
                   env=ray_env(tmp_path))
     _one_line_exit_2(out, "mlflow server")
@@ -237,14 +237,14 @@ def test_local_tracking_file_with_a_cluster(cluster: str, tmp_path: Path) -> Non
 
 
 def test_unreachable_address(tmp_path: Path) -> None:
-    write_study(tmp_path, **STUDY)
+    write_cli_study(tmp_path, **STUDY)
     out = run_lth(["study", "run", "--engine", "ray", "--address", f"127.0.0.1:{free_port()}",
                    "--params", "tiny.yaml"], tmp_path, env=ray_env(tmp_path), timeout=60)
     _one_line_exit_2(out, "no Ray head answers")
 
 
 def test_ray_not_installed(tmp_path: Path) -> None:
-    write_study(tmp_path, **STUDY)
+    write_cli_study(tmp_path, **STUDY)
     fake = tmp_path / "noray" / "ray"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('No module named ray')\n")
@@ -254,7 +254,7 @@ def test_ray_not_installed(tmp_path: Path) -> None:
 
 
 def test_remote_cluster_without_token_refused(tmp_path: Path) -> None:
-    write_study(tmp_path, **STUDY)
+    write_cli_study(tmp_path, **STUDY)
     env = ray_env(tmp_path) | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "none")}
     out = run_lth(["study", "run", "--engine", "ray", "--address", "192.0.2.1:6379", "--params", "tiny.yaml"],
                   tmp_path, env=env, timeout=60)
