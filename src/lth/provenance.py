@@ -11,18 +11,19 @@ import lth
 from lth.data.store import DATASET_JSON, prepared_dir
 
 
+def _git(*args: str) -> str:
+    """`git ARGS` in the checkout lth runs from, its output stripped; raises when git fails or is absent."""
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                          check=True).stdout.strip()
+
+
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
     """The checkout's commit (with '+dirty' when it has uncommitted changes), or '' outside git."""
-    root = Path(__file__).resolve().parents[2]
     try:
-        sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()
+        sha = _git("rev-parse", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return ""
     return sha + ("+dirty" if dirty else "")
@@ -31,10 +32,8 @@ def git_commit() -> str:
 @functools.lru_cache(maxsize=1)
 def git_branch() -> str:
     """The checkout's branch, or '' (detached HEAD, outside git)."""
-    root = Path(__file__).resolve().parents[2]
     try:
-        branch = subprocess.run(["git", "-C", str(root), "rev-parse", "--abbrev-ref", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
+        branch = _git("rev-parse", "--abbrev-ref", "HEAD")
     except (OSError, subprocess.SubprocessError):
         return ""
     return "" if branch == "HEAD" else branch
