@@ -143,3 +143,10 @@ def test_no_mlflow_without_tracking(code: str) -> None:
     probe = f"{code}; import sys; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_lth_help_loads_neither_torch_nor_mlflow() -> None:
+    """`lth --help` (the command group and every command module) starts in milliseconds, not seconds."""
+    probe = "import lth.cli, sys; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'mlflow', 'ray'}))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from lth.cli.options import PARAMS_OPTION
 from lth.config import Params, load_params
 from lth.errors import UserError
-from lth.tracking import Tracker
+
+if TYPE_CHECKING:  # the port pulls in the data store (and torch): not for `lth --help`
+    from lth.tracking import Tracker
 
 
 def _tracker(params: Params) -> Tracker:
