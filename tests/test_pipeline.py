@@ -34,7 +34,7 @@ TRANSFER_TARGETS = ("digits", "bio-textures")
 # Everything tiny: a width-4 ResNet-8 on 12-px images, 2 epochs, 2 IMP rounds, 2 seeds, 2 tune trials.
 TINY_PARAMS = {
     "paths": {"data": "data", "models": "models", "results": "results", "reports": "reports"},
-    "prepare": {"image_size": 12, "seed": 0, "datasets": {
+    "prepare": {"image_size": 12, "seed": 0, "geometry": "stretch", "datasets": {
         "fashion-mnist": {"train": 200, "val": 60, "test": 100},
         "digits": {"train": 200, "val": 60, "test": 100},
         "bio-textures": {"train": 120, "val": 40, "test": 40},
