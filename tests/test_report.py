@@ -261,3 +261,33 @@ def test_report_command_prints_where_and_table2(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["report", "--params", str(params_file)])
     assert result.exit_code == 0, result.output
     assert "index.html" in result.output and "transfer_nat" in result.output and "winner=pruned" in result.output
+
+
+def test_timeline_of_a_study_run_shows_one_row_per_worker(tmp_path: Path) -> None:
+    """`lth study run` leaves results/study/units.csv: the report draws it, training units only, per worker."""
+    from lth.report.figures import read_units
+
+    params = write_results(tmp_path)
+    build_report(params)
+    assert not (Path(params.paths.reports) / "figures" / "timeline.png").exists()  # no record: no figure
+    record = params.paths.units_csv
+    record.parent.mkdir(parents=True)
+    lines = ["key,kind,state,attempts,host,gpu,worker,start,end,error",
+             "prepare/alpha,prepare,done,1,,,,100.0,100.0,",
+             "imp/nat/s0/r00,imp,skipped,0,,,,0.000,0.000,",
+             "imp/nat/s0/r01,imp,done,1,h1,0,h1:11,100.0,160.0,",
+             "finetune/alpha/a,finetune,done,2,h1,1,h1:12,160.0,190.0,OSError: worker died",
+             "finetune/alpha/b,finetune,done,1,h2,0,h2:13,161.0,185.0,",
+             "finetune/alpha/c,finetune,failed,3,h2,0,h2:13,186.0,190.0,boom"]
+    record.write_text("\n".join(lines) + "\n")
+    units = read_units(record)
+    assert units is not None and sorted(units["key"]) == ["finetune/alpha/a", "finetune/alpha/b", "imp/nat/s0/r01"]
+    index = build_report(params)
+    png = Path(params.paths.reports) / "figures" / "timeline.png"
+    with Image.open(png) as img:
+        width, height = img.size
+    assert "figures/timeline.png" in index.read_text() and "units per worker over time" in index.read_text()
+    record.write_text("\n".join(lines[:4]) + "\n")  # one worker: a shorter figure (one row per worker)
+    build_report(params)
+    with Image.open(png) as img:
+        assert img.size[0] == width and img.size[1] < height

@@ -187,3 +187,19 @@ def test_crop_batch_takes_the_requested_windows() -> None:
     out = crop_batch(images, 2, torch.tensor([0, 3]), torch.tensor([1, 2]))
     assert torch.equal(out[0, 0], images[0, 0, 0:2, 1:3])
     assert torch.equal(out[1, 0], images[1, 0, 3:5, 2:4])
+
+
+@pytest.mark.parametrize(("share", "capped"), [(0.25, True), (1.0, False), (0.0, False)])
+def test_a_fractional_gpu_caps_the_process_memory(monkeypatch: pytest.MonkeyPatch, share: float,
+                                                  capped: bool) -> None:
+    """A unit given 0.25 of a GPU keeps PyTorch's allocator to a quarter of it (ray_engine calls this per task)."""
+    from lth.training import cap_gpu_memory
+
+    calls: list[tuple[float, int]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    assert cap_gpu_memory(share) is capped
+    assert calls == ([(share, 0)] if capped else [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cap_gpu_memory(share) is False  # no CUDA device: nothing to cap

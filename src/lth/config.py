@@ -51,6 +51,11 @@ class PathsConfig:
     results: str = "results"  # per-run metrics for DVC
     reports: str = "reports"  # the HTML/Markdown report
 
+    @property
+    def units_csv(self) -> Path:
+        """results/study/units.csv: `lth study run`'s record of where and when each unit ran (the timeline)."""
+        return Path(self.results) / "study" / "units.csv"
+
 
 @dataclass(frozen=True)
 class PrepareConfig:

@@ -107,7 +107,7 @@ def study_run(engine: str | None, address: str | None, params_path: str) -> None
         if failed:
             raise SystemExit(
                 f"lth: study: {len(failed)} unit(s) failed after retries, e.g. {failed[0].key}: {failed[0].error} "
-                f"(see {Path(params.paths.results) / 'study' / 'units.csv'}; rerun to retry only those)")
+                f"(see {params.paths.units_csv}; rerun to retry only those)")
     index = build_report(params)
     click.echo(f"study done: report -> {index}")
     _dvc_commit(params_path)

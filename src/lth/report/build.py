@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lth.config import Params
 from lth.fsutil import atomic_dir, atomic_write_json, atomic_write_text
-from lth.report.figures import draw_figures
+from lth.report.figures import draw_figures, draw_timeline
 from lth.report.page import write_pages
 from lth.report.tables import analyse, load_results, missing_results, plot_table, summary_json
 
@@ -20,6 +20,9 @@ def build_report(params: Params) -> Path:
     missing = missing_results(df, params)
     with atomic_dir(reports / "figures") as tmp:  # a figure from an earlier, different study never lingers
         figures = draw_figures(tables, params.transfer.targets, tmp, link_dir="figures")
+        timeline = draw_timeline(params.paths.units_csv, tmp, link_dir="figures")
+    if timeline is not None:
+        figures["the study's run"] = [timeline]
     atomic_write_text(reports / "table2.csv", tables.table2.to_csv(index=False))
     atomic_write_text(reports / "table3.csv", tables.table3.to_csv(index=False))
     atomic_write_text(reports / "transfer_vs_target.csv", tables.versus.to_csv(index=False))

@@ -192,3 +192,57 @@ def draw_figures(tables: Analysis, targets: tuple[str, ...] | list[str], out_dir
             atomic_write_bytes(out_dir / rel, png)
             written[target].append(FigureRef(title, f"{link_dir}/{rel}"))
     return written
+
+
+KIND_COLORS = {"imp": "tab:blue", "size": "tab:purple", "finetune": "tab:orange"}
+TIMELINE_TITLE = "How the study ran: training units per worker over time (lth study run)"
+
+
+def read_units(path: Path) -> pd.DataFrame | None:
+    """The training units `lth study run` ran in this record (skipped and driver units left out); None if none."""
+    if not path.is_file():
+        return None
+    units = pd.read_csv(path, dtype={"worker": str, "host": str, "gpu": str}, keep_default_na=False)
+    units = units[units["kind"].isin(list(KIND_COLORS)) & (units["state"] == "done") & (units["end"] > 0)]
+    return None if units.empty else units
+
+
+def plot_timeline(units: pd.DataFrame) -> bytes:
+    """PNG: one row per worker (host:pid, or host and GPU), a bar per unit from its start to its end, by kind."""
+    units = units.assign(row=[w or f"{h} gpu {g}".strip() for w, h, g in
+                              zip(units["worker"], units["host"], units["gpu"])])
+    t0 = float(units["start"].min())
+    rows = list(units.groupby("row")["start"].min().sort_values().index)  # first to start at the top
+    fig = Figure(figsize=(8, 1.6 + 0.35 * len(rows)), dpi=110)
+    ax = fig.subplots()
+    for kind, color in KIND_COLORS.items():
+        sel = units[units["kind"] == kind]
+        if sel.empty:
+            continue
+        y = [rows.index(r) for r in sel["row"]]
+        ax.barh(y, sel["end"] - sel["start"], left=sel["start"] - t0, height=0.7, color=color,
+                edgecolor="white", linewidth=0.5, label=f"{kind} ({len(sel)})")
+        retried = sel[sel["attempts"] > 1]
+        if not retried.empty:
+            ax.plot(retried["end"] - t0, [rows.index(r) for r in retried["row"]], "kx", markersize=6,
+                    label=None)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.invert_yaxis()
+    span = float(units["end"].max()) - t0
+    ax.set_xlabel(f"seconds since the first unit started (span {span:.0f} s; x: a unit that needed a retry)")
+    ax.set_title(TIMELINE_TITLE, fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def draw_timeline(units_csv: Path, out_dir: Path, link_dir: str = "figures") -> FigureRef | None:
+    """timeline.png from results/study/units.csv when `lth study run` wrote one; else None."""
+    units = read_units(units_csv)
+    if units is None:
+        return None
+    atomic_write_bytes(out_dir / "timeline.png", plot_timeline(units))
+    return FigureRef(TIMELINE_TITLE, f"{link_dir}/timeline.png")

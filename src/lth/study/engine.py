@@ -12,6 +12,7 @@ import contextlib
 import heapq
 import json
 import math
+import os
 import shutil
 import socket
 import sys
@@ -117,6 +118,7 @@ class UnitResult:
     gpu: str
     start: float
     end: float
+    worker: str = ""  # host:pid of the process that ran it (one row of the report's timeline)
 
 
 def run_unit(unit: Unit, params: Params, inputs: Files, tracker: Tracker | None = None,
@@ -146,7 +148,8 @@ def run_unit(unit: Unit, params: Params, inputs: Files, tracker: Tracker | None 
         files: Files = {}
         for out in outputs(unit, scratch):
             files |= read_files(out, scratch)
-        return UnitResult(files, socket.gethostname(), gpu, start, time.time())
+        host = socket.gethostname()
+        return UnitResult(files, host, gpu, start, time.time(), worker=f"{host}:{os.getpid()}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -176,6 +179,7 @@ class Record:
     attempts: int = 0
     host: str = ""
     gpu: str = ""
+    worker: str = ""
     start: float = 0.0
     end: float = 0.0
     error: str = ""
@@ -250,10 +254,11 @@ class Scheduler:
             self._running[unit.kind] += 1
         return chosen
 
-    def succeeded(self, key: str, host: str = "", gpu: str = "", start: float = 0.0, end: float = 0.0) -> None:
+    def succeeded(self, key: str, host: str = "", gpu: str = "", start: float = 0.0, end: float = 0.0,
+                  worker: str = "") -> None:
         """A unit finished and its outputs are written."""
         rec = self.records[key]
-        rec.state, rec.host, rec.gpu, rec.start, rec.end = "done", host, gpu, start, end
+        rec.state, rec.host, rec.gpu, rec.worker, rec.start, rec.end = "done", host, gpu, worker, start, end
         self._running[rec.kind] -= 1
         self._release(key)
 
@@ -295,12 +300,12 @@ def progress_line(sched: Scheduler, started: float, now: float | None = None) ->
             f"ETA {eta}")
 
 
-RECORD_FIELDS = ("key", "kind", "state", "attempts", "host", "gpu", "start", "end", "error")
+RECORD_FIELDS = ("key", "kind", "state", "attempts", "host", "gpu", "worker", "start", "end", "error")
 
 
 def write_record(sched: Scheduler, params: Params) -> Path:
-    """results/study/units.csv: one row per unit (host, GPU, start, end, attempts), for a timeline figure."""
-    path = Path(params.paths.results) / "study" / "units.csv"
+    """results/study/units.csv: one row per unit (host, GPU, worker, start, end, attempts), for a timeline figure."""
+    path = params.paths.units_csv
     lines = [",".join(RECORD_FIELDS)]
     for rec in sched.records.values():
         values = [getattr(rec, f) for f in RECORD_FIELDS]

@@ -26,6 +26,7 @@ from lth.study.engine import (
 )
 from lth.study.plan import TRAINING, Unit, build_plan, is_done
 from lth.tracking import NullTracker, Tracker
+from lth.training import cap_gpu_memory
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 INSTALL = "pip install 'ray==2.60.0' (the version requirements.lock pins)"
@@ -107,6 +108,7 @@ def _task(unit: Unit, params: Params, tracking: tuple[str, Callable[[], Tracker]
     import ray
 
     gpu = ",".join(str(i) for i in ray.get_gpu_ids())
+    cap_gpu_memory(_demand(unit.kind, params.engine)[1])  # a fractional GPU: this process keeps to its share
     inputs = {**data, **extra}
     for ticket in tickets:
         inputs |= ticket
@@ -235,7 +237,7 @@ class RayDriver:
                 else:
                     write_outputs(unit, result.files, self.params)
                     self._release(unit)
-                    sched.succeeded(unit.key, result.host, result.gpu, result.start, result.end)
+                    sched.succeeded(unit.key, result.host, result.gpu, result.start, result.end, result.worker)
                 show(progress_line(sched, started))
             if time.time() - last_record > 5:
                 write_record(sched, self.params)

@@ -22,6 +22,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cap_gpu_memory(share: float) -> bool:
+    """Hold this process to `share` of its GPU's memory (a unit given 0.25 of a GPU shares it with three others).
+
+    PyTorch's caching allocator would otherwise grow into memory its neighbours on the same GPU need. Returns
+    whether a cap was set (no CUDA device, or a whole GPU or more: nothing to cap).
+    """
+    if not 0 < share < 1 or not torch.cuda.is_available():
+        return False
+    torch.cuda.set_per_process_memory_fraction(share, torch.cuda.current_device())
+    return True
+
+
 def cpu_state(model: nn.Module) -> State:
     """A detached CPU copy of the model's state dict (parameters and batch-norm buffers)."""
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
