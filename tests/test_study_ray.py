@@ -60,26 +60,71 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Two Ray nodes of one CPU each on 127.0.0.1; yields the head's address."""
-    tmp = tmp_path_factory.mktemp("ray")
-    port = free_port()
-    env = ray_env(tmp)
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--memory=1000000000",
-              "--object-store-memory=100000000", "--disable-usage-stats"]
-    head = _start(["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={tmp / 't1'}",
-                   f"--dashboard-agent-listen-port={free_port()}", *common], tmp / "head", env)
-    procs = [head]
+class Cluster:
+    """A head and a second node on 127.0.0.1, one CPU each; the second can be killed (a lost node) and restarted."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp, self.port, self.env = tmp, free_port(), ray_env(tmp)
+        self.address = f"127.0.0.1:{self.port}"
+        self.common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--memory=1000000000",
+                       "--object-store-memory=100000000", "--disable-usage-stats"]
+        self.head = _start(["--head", f"--port={self.port}", "--include-dashboard=false",
+                            f"--temp-dir={tmp / 't1'}", f"--dashboard-agent-listen-port={free_port()}", *self.common],
+                           tmp / "head", self.env)
+        self.node2: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start_node2(self) -> None:
+        self.starts += 1
+        self.node2 = _start([f"--address={self.address}", f"--temp-dir={self.tmp / f't2-{self.starts}'}",
+                             f"--dashboard-agent-listen-port={free_port()}", *self.common],
+                            self.tmp / f"node2-{self.starts}", self.env)
+        _wait_nodes(self.port, 2, self.env)
+
+    def kill_node2(self) -> None:
+        """SIGKILL the second node's whole process group (raylet, agents, workers): a host that went away."""
+        assert self.node2 is not None
+        os.killpg(self.node2.pid, signal.SIGKILL)
+        self.node2.wait(10)
+
+    def node2_workers(self) -> list[int]:
+        """Worker processes of the second node running a unit ("ray::lth <key>")."""
+        if self.node2 is None:
+            return []
+        return [pid for pid, args in ps() if "lth " in args and args.startswith("ray::")
+                and _pgid(pid) == self.node2.pid]
+
+    def stop(self) -> None:
+        for proc in (self.node2, self.head):
+            if proc is not None:
+                _stop(proc)
+
+
+def _pgid(pid: int) -> int:
     try:
-        _wait_nodes(port, 1, env)
-        procs.append(_start([f"--address=127.0.0.1:{port}", f"--temp-dir={tmp / 't2'}",
-                             f"--dashboard-agent-listen-port={free_port()}", *common], tmp / "node2", env))
-        _wait_nodes(port, 2, env)
-        yield f"127.0.0.1:{port}"
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return -1
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Two Ray nodes of one CPU each on 127.0.0.1."""
+    c = Cluster(tmp_path_factory.mktemp("ray"))
+    try:
+        _wait_nodes(c.port, 1, c.env)
+        c.start_node2()
+        yield c
     finally:
-        for proc in reversed(procs):
-            _stop(proc)
+        c.stop()
+
+
+@pytest.fixture
+def cluster(ray_cluster: Cluster) -> str:
+    """The cluster's head address, with both nodes alive (a test that lost the second node gets it back)."""
+    if ray_cluster.node2 is None or ray_cluster.node2.poll() is not None:
+        ray_cluster.start_node2()
+    return ray_cluster.address
 
 
 def _wait_nodes(port: int, n: int, env: dict[str, str], timeout: float = 90) -> None:
@@ -204,6 +249,8 @@ def test_ray_matches_serial_and_survives_a_killed_worker(cluster: str, serial: P
     runs = finished_runs(mlflow_server)
     assert sum(statuses.count("FINISHED") for statuses in runs.values()) == len(training)
     assert all(statuses.count("FINISHED") == 1 for statuses in runs.values())
+    # the killed attempt's run is not left RUNNING: the driver marked it FAILED (lth.stale) at the end
+    assert sorted(s for statuses in runs.values() for s in statuses if s != "FINISHED") == ["FAILED"]
     assert "transfer digits transfer fashion-mnist s0 r01" in runs and "imp digits@0.5 s0 r02" in runs
     # a rerun finds every unit done and runs none
     again = run_lth(["study", "run", "--engine", "ray", "--address", cluster, "--params", "tiny.yaml"], tmp_path,
@@ -212,6 +259,65 @@ def test_ray_matches_serial_and_survives_a_killed_worker(cluster: str, serial: P
     record = pd.read_csv(tmp_path / "results/study/units.csv")
     assert set(record.loc[record["kind"] != "results", "state"]) == {"skipped"}
     assert outputs(tmp_path) == outputs(serial)
+
+
+def _drive(cluster: str, root: Path) -> subprocess.Popen:
+    """`lth study run --engine ray` in `root`, in a process group of its own (so a test can kill the driver)."""
+    return subprocess.Popen([str(BIN / "lth"), "study", "run", "--engine", "ray", "--address", cluster,
+                             "--params", "tiny.yaml"], cwd=root, env=ray_env(root), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _training_done(root: Path) -> set[str]:
+    """Training units whose outputs are all in the project (what a rerun must not run again)."""
+    from lth.config import load_params
+    from lth.study.plan import TRAINING, build_plan, is_done
+
+    params = load_params(root / "tiny.yaml")
+    return {u.key for u in build_plan(params) if u.kind in TRAINING and is_done(u, params)}
+
+
+def test_killed_driver_resumes_only_unfinished_units(cluster: str, serial: Path, mlflow_server: str,
+                                                     tmp_path: Path) -> None:
+    write_cli_study(tmp_path, **STUDY, tracking={"uri": mlflow_server, "register": False})
+    driver = _drive(cluster, tmp_path)
+    end = time.time() + 240
+    while driver.poll() is None and time.time() < end and len(_training_done(tmp_path)) < 4:
+        time.sleep(0.2)
+    assert driver.poll() is None, "the study ended before the driver could be killed"
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and its children; the cluster's workers are Ray's
+    driver.communicate(timeout=30)
+    done = _training_done(tmp_path)
+    record = pd.read_csv(tmp_path / "results/study/units.csv")
+    assert len(done) >= 4 and len(done) < int(record["kind"].isin(["imp", "size", "finetune"]).sum())
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "models").rglob("*") if p.is_file()}
+    again = _drive(cluster, tmp_path)
+    _, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0, stderr
+    assert outputs(tmp_path) == outputs(serial)  # the same rows and tickets as an uninterrupted serial run
+    record = pd.read_csv(tmp_path / "results/study/units.csv").set_index("key")
+    training = record[record["kind"].isin(["imp", "size", "finetune"])]
+    assert set(training.index[training["state"] == "skipped"]) == done  # exactly the finished units, not rerun
+    assert set(training.loc[training["state"] != "skipped", "state"]) == {"done"}
+    assert all(stamps[p] == p.stat().st_mtime_ns for p in stamps)  # tickets written before the kill untouched
+    assert not any("RUNNING" in statuses for statuses in finished_runs(mlflow_server).values())
+
+
+def test_lost_node_its_units_run_again_elsewhere(ray_cluster: Cluster, cluster: str, serial: Path,
+                                                 mlflow_server: str, tmp_path: Path) -> None:
+    write_cli_study(tmp_path, **STUDY, tracking={"uri": mlflow_server, "register": False})
+    driver = _drive(cluster, tmp_path)
+    end = time.time() + 240
+    while driver.poll() is None and time.time() < end and not ray_cluster.node2_workers():
+        time.sleep(0.05)
+    assert ray_cluster.node2_workers(), "no unit was seen running on the second node"
+    ray_cluster.kill_node2()  # mid-unit: Ray declares the node dead and the driver submits its units again
+    _, stderr = driver.communicate(timeout=400)
+    assert driver.returncode == 0, stderr
+    assert outputs(tmp_path) == outputs(serial)
+    record = pd.read_csv(tmp_path / "results/study/units.csv")
+    assert (record["attempts"] >= 2).any() and set(record.loc[record["kind"] != "prepare", "state"]) == {"done"}
+    assert "0 failed" in stderr
 
 
 def _one_line_exit_2(out: subprocess.CompletedProcess, names: str) -> None:

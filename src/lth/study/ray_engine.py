@@ -175,6 +175,7 @@ class RayDriver:
         experiment, name, job_params, tags = parent_run(unit, self.params)
         if (experiment, name) not in self._parents:
             run = self._jobs.enter_context(self.tracker.job(experiment, name, params=job_params, tags=tags))
+            self._jobs.callback(self.tracker.end_stale, run)  # runs before the job's run ends (stack order)
             self._parents[experiment, name] = (run.run_id, tags) if run.run_id else None
         return self._parents[experiment, name]
 

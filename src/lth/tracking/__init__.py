@@ -47,6 +47,7 @@ class Tracker(Protocol):
     def ensure_registered(self, parent: Run, run_name: str, ticket_dir: Path, meta: TicketMeta, *,
                           params: Mapping[str, Any], tags: Mapping[str, str],
                           metrics: Mapping[str, float]) -> bool: ...
+    def end_stale(self, parent: Run) -> int: ...
 
 
 class NullRun:
@@ -91,3 +92,6 @@ class NullTracker:
                           params: Mapping[str, Any], tags: Mapping[str, str],
                           metrics: Mapping[str, float]) -> bool:
         return False
+
+    def end_stale(self, parent: Run) -> int:
+        return 0

@@ -95,6 +95,24 @@ class MlflowTracker:
         self.store.call(self.store.client.set_tag, run_id, "lth.stale", "true")
         self.store.call(self.store.client.set_terminated, run_id, "FAILED")
 
+    def _end_stale(self, exp_id: str, run_id: str) -> int:
+        """Mark every nested run still RUNNING under `run_id` FAILED (tag lth.stale), paging through all of them."""
+        where = f"tags.`{PARENT_TAG}` = {_quote(run_id)} and attributes.status = 'RUNNING'"
+        count = 0
+        while stale := self._search(exp_id, where):  # marked runs drop out of the next search
+            for old in stale:
+                self._mark_stale(old.info.run_id)
+            count += len(stale)
+            if len(stale) < SEARCH_PAGE:
+                break
+        return count
+
+    def end_stale(self, parent: Run) -> int:
+        """A cluster's driver, once none of a job's units is in flight: the runs of attempts whose worker died."""
+        assert isinstance(parent, MlflowRun) and parent.run_id is not None
+        self.store.drain()
+        return self._end_stale(parent.experiment_id, parent.run_id)
+
     @contextlib.contextmanager
     def _lifetime(self, run: MlflowRun, *, wait: bool) -> Iterator[MlflowRun]:
         """FINISHED when the block ends, FAILED (KILLED on Ctrl-C) when it raises; the exception propagates.
@@ -154,13 +172,8 @@ class MlflowTracker:
             run_id = info.run_id
             self.store.call(self.store.client.update_run, run_id, status="RUNNING")
             # Nested runs still RUNNING under a reused parent belong to a killed try: mark them FAILED. This is
-            # the only sweep (child() relies on it), so it pages through all of them.
-            where = f"tags.`{PARENT_TAG}` = {_quote(run_id)} and attributes.status = 'RUNNING'"
-            while stale := self._search(exp_id, where):  # marked runs drop out of the next search
-                for old in stale:
-                    self._mark_stale(old.info.run_id)
-                if len(stale) < SEARCH_PAGE:
-                    break
+            # the only sweep of a serial run (child() relies on it).
+            self._end_stale(exp_id, run_id)
         else:
             info = self.store.call(self.store.client.create_run, exp_id, run_name=run_name,
                                    tags={k: str(v)[:MAX_TAG_LEN] for k, v in all_tags.items()}).info
