@@ -7,6 +7,7 @@ are pinned (torch on CPU gives other bits with another thread count, and Ray set
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -81,30 +82,32 @@ class Cluster:
                             self.tmp / f"node2-{self.starts}", self.env)
         _wait_nodes(self.port, 2, self.env)
 
-    def kill_node2(self) -> None:
-        """SIGKILL the second node's whole process group (raylet, agents, workers): a host that went away."""
-        assert self.node2 is not None
-        os.killpg(self.node2.pid, signal.SIGKILL)
-        self.node2.wait(10)
-
-    def node2_workers(self) -> list[int]:
-        """Worker processes of the second node running a unit ("ray::lth <key>")."""
+    def node2_processes(self) -> list[tuple[int, str]]:
+        """The second node's processes: its `ray start` group and their children (Ray starts workers apart)."""
         if self.node2 is None:
             return []
-        return [pid for pid, args in ps() if "lth " in args and args.startswith("ray::")
-                and _pgid(pid) == self.node2.pid]
+        rows = [line.split(None, 3) for line in subprocess.run(["ps", "-eo", "pid=,ppid=,pgid=,args="],
+                                                               capture_output=True, text=True).stdout.splitlines()]
+        mine = {int(r[0]) for r in rows if int(r[2]) == self.node2.pid}
+        return [(int(r[0]), r[3] if len(r) > 3 else "") for r in rows
+                if int(r[0]) in mine or int(r[1]) in mine]
+
+    def node2_workers(self) -> list[int]:
+        """Worker processes of the second node running a unit (Ray titles them "ray::lth <key>")."""
+        return [pid for pid, args in self.node2_processes() if args.startswith("ray::lth ")]
+
+    def kill_node2(self) -> None:
+        """SIGKILL every process of the second node (raylet, agents, workers): a host that went away."""
+        assert self.node2 is not None
+        for pid, _ in self.node2_processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.node2.wait(10)
 
     def stop(self) -> None:
         for proc in (self.node2, self.head):
             if proc is not None:
                 _stop(proc)
-
-
-def _pgid(pid: int) -> int:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return -1
 
 
 @pytest.fixture(scope="module")
@@ -365,6 +368,32 @@ def test_remote_cluster_without_token_refused(tmp_path: Path) -> None:
     out = run_lth(["study", "run", "--engine", "ray", "--address", "192.0.2.1:6379", "--params", "tiny.yaml"],
                   tmp_path, env=env, timeout=60)
     _one_line_exit_2(out, "RAY_AUTH_MODE=token")
+
+
+def test_token_cluster_refuses_a_driver_without_its_token(tmp_path: Path,
+                                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A head started with RAY_AUTH_MODE=token lets in its token's holders only; lth says so in one line."""
+    short = tmp_path_factory.mktemp("tok")  # Ray's socket paths under --temp-dir must stay short
+    token, wrong = tmp_path / "token", tmp_path / "wrong"
+    token.write_text("a" * 64 + "\n")
+    wrong.write_text("b" * 64 + "\n")
+    for f in (token, wrong):
+        f.chmod(0o600)
+    port = free_port()
+    env = ray_env(tmp_path) | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    head = _start(["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={short / 't'}",
+                   f"--dashboard-agent-listen-port={free_port()}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                   "--memory=500000000", "--object-store-memory=80000000", "--disable-usage-stats"],
+                  tmp_path / "head", env)
+    try:
+        _wait_nodes(port, 1, env)  # the token's holder gets in
+        write_cli_study(tmp_path, **STUDY)
+        out = run_lth(["study", "run", "--engine", "ray", "--address", f"127.0.0.1:{port}", "--params",
+                       "tiny.yaml"], tmp_path, env=env | {"RAY_AUTH_TOKEN_PATH": str(wrong)}, timeout=120)
+        _one_line_exit_2(out, "refused this driver")
+        assert "RAY_AUTH_TOKEN_PATH" in out.stderr and not (tmp_path / "models").exists()
+    finally:
+        _stop(head)
 
 
 def test_dvc_knows_the_outputs_of_a_ray_run(tmp_path: Path) -> None:

@@ -13,10 +13,12 @@ import contextlib
 import ipaddress
 import os
 import socket
+import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from lth.config import EngineConfig, Params
 from lth.errors import UserError
@@ -72,6 +74,30 @@ def check_address(address: str | None) -> None:
     except OSError as exc:
         raise UserError(f"--address {address}: no Ray head answers there ({exc.strerror or exc}); "
                         "start one with `ray start --head --port PORT` or fix engine.address") from None
+
+
+@contextlib.contextmanager
+def _native_stderr() -> Iterator[Callable[[], str]]:
+    """Hold what native code writes to file descriptor 2 meanwhile; yields a reader; replays it on success."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+
+        def said() -> str:
+            held.seek(0)
+            return held.read().decode(errors="replace")
+
+        try:
+            yield said
+        except BaseException:
+            os.dup2(saved, 2)
+            raise
+        else:
+            os.dup2(saved, 2)
+            sys.stderr.write(said())  # nothing is lost when the connection worked
+        finally:
+            os.close(saved)
 
 
 def _token_file() -> bool:
@@ -151,8 +177,17 @@ class RayDriver:
         address = address or os.environ.get("RAY_ADDRESS") or None
         check_address(address)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled" if is_local(address) else "token")
-        self.ray.init(address=address, log_to_driver=False, include_dashboard=False if not address else None,
-                      logging_level="ERROR")
+        with _native_stderr() as said:  # Ray's C++ core logs each refused try there (every second for 20 s)
+            try:
+                self.ray.init(address=address, log_to_driver=False,
+                              include_dashboard=False if not address else None, logging_level="ERROR")
+            except ConnectionError as exc:  # the head answered (check_address) but did not let this driver in
+                if not address:
+                    raise
+                why = "its token is not this driver's" if "InvalidAuthToken" in said() else str(exc)
+                raise UserError(f"--address {address}: the Ray cluster refused this driver ({why}); a cluster "
+                                "started with RAY_AUTH_MODE=token takes only its own token: set RAY_AUTH_MODE=token "
+                                "and RAY_AUTH_TOKEN_PATH to the token file its `ray start` used") from None
 
     def _submit(self, unit: Unit) -> Any:
         if unit.dataset not in self._data:
