@@ -80,7 +80,8 @@ def _section(name: str, r: dict) -> list[str]:
         out += [f"(a) The demo study ({d['params']}), `lth study run` in two fresh temp copies, one after the other: "
                 f"serial (`--engine local`, one process on every core) **{d['local_s']:.0f} s**, Ray with two "
                 f"workers (`--engine ray`, one core each) **{d['ray_s']:.0f} s**: serial / Ray = "
-                f"**{d['serial_over_ray']:.2f}x**.", "",
+                f"**{d['serial_over_ray']:.2f}x**. The Ray run's timeline, as its report draws it: "
+                f"results/scale_demo_timeline.png.", "",
                 f"(b) The paper's plan: {r['units']} training units, {r['work_gpu_hours']:.0f} modelled GPU-hours "
                 f"({r['img_per_s']:.0f} img/s per GPU, epochs {r['epochs']}; ours); per-task overhead on Ray "
                 f"{1000 * r['overhead_s']:.1f} ms (the larger of the two Ray runs, calibrated apart from the plan).", "",
