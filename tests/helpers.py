@@ -18,11 +18,13 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 import requests
+import torch
 import yaml
 
 from lth.config import Params, params_from_dict
 from lth.data.store import write_prepared
 from lth.report.tables import COLUMNS
+from lth.tickets import TicketMeta, read_ticket_meta, save_ticket
 from lth.tracking import NullRun, NullTracker
 
 BIN = Path(sys.executable).parent
@@ -120,6 +122,18 @@ class KillAtEpoch(NullTracker):
     @contextlib.contextmanager
     def child(self, parent, run_name: str, *, params, tags) -> Iterator[NullRun]:
         yield _DyingRun(self.epoch) if self.part in run_name else NullRun()
+
+
+# ---------------------------------------------------------------- tickets without training
+
+
+def tiny_ticket(directory: Path, source: str, seed: int, round_: int) -> TicketMeta:
+    """A 4-weight ticket of (source, seed, round), its weights unique to them, for registry tests; returns its meta."""
+    meta = TicketMeta(source=source, arch="tiny", seed=seed, round=round_, sparsity=0.5, rewind_epoch=0,
+                      num_classes=2, prunable=("w",), pruning_rate=0.2)
+    weights = {"w": torch.tensor([1.0, 0.0, 0.0, 2.0]) + seed + round_ / 100}
+    save_ticket(directory, meta, weights, {"w": torch.tensor([True, False, False, True])})
+    return read_ticket_meta(directory)
 
 
 # ---------------------------------------------------------------- the real `lth` executable

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from click.testing import CliRunner
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from helpers import parents_and_children, runs_of, tiny_params, write_toy
+from helpers import free_port, parents_and_children, runs_of, tiny_params, tiny_ticket, write_toy
 from lth.tracking import mlflow as tracking
+from lth.tracking.mlflow import store as store_module
 from lth.tracking.mlflow import trackers
 from lth.cli.tickets import tickets
 from lth.config import TrackingConfig
@@ -169,6 +172,70 @@ def test_database_locked_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         return "ok"
 
     assert store.call(flaky) == "ok" and len(tries) == 3
+
+
+def _lose_first_answers(client: Any, method: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """client.<method> carries out each create, but the first answer per name is lost (the server died meanwhile)."""
+    real, lost = getattr(client, method), []
+
+    def lossy(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        name = kwargs.get("run_name") or args[0]
+        if name not in lost:
+            lost.append(name)
+            try:
+                raise requests.ConnectionError("('Connection aborted.', RemoteDisconnected('Remote end closed "
+                                               "connection without response'))")
+            except requests.ConnectionError as exc:  # as MLflow's REST client reports it
+                raise MlflowException(f"API request to {method} failed with exception {exc}")
+        return result
+
+    monkeypatch.setattr(client, method, lossy)
+    return lost
+
+
+def test_a_create_whose_answer_was_lost_is_made_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A run or a ticket version created by a try whose answer was lost is found, not created again."""
+    tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}"))
+    client = tracker.store.client
+    lost_runs = _lose_first_answers(client, "create_run", monkeypatch)
+    lost_versions = _lose_first_answers(client, "create_model_version", monkeypatch)
+    meta = tiny_ticket(tmp_path / "ticket", "lost", 0, 1)
+    with tracker.job("imp/lost", "job", params={}, tags={}) as parent:
+        with tracker.child(parent, "round", params={}, tags={}) as run:
+            tracker.register_ticket(run, tmp_path / "ticket", meta)
+    assert (lost_runs, lost_versions) == (["job", "round"], ["ticket-lost-tiny"])  # each first answer was lost
+    runs = runs_of(client, "imp/lost")
+    assert sorted(r.info.run_name for r in runs) == ["job", "round"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    versions = client.search_model_versions("name = 'ticket-lost-tiny'")
+    assert [(str(v.version), v.run_id) for v in versions] == [("1", run.run_id)]
+    assert str(client.get_model_version_by_alias("ticket-lost-tiny", "r01-s0").version) == "1"
+    shown = re.findall(r"MLflow server sqlite:///\S+ unreachable \(ConnectionError\), retrying in 1s \(1/\d+\)",
+                       capsys.readouterr().err)
+    assert len(shown) == 3
+
+
+def test_a_server_down_for_longer_than_retry_seconds_stops_the_job(monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Waits are shown and bounded: after tracking.retry_seconds, one error naming the server; then no more waits."""
+    monkeypatch.setattr(store_module, "check_reachable", lambda uri: None)  # it went down after the job started
+    monkeypatch.setenv(store_module.MLFLOW_RETRIES_ENV, "0")
+    url = f"http://127.0.0.1:{free_port()}"
+    store = tracking.Store(TrackingConfig(uri=url, retry_seconds=3))
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=rf"^MLflow tracking server {url} unreachable for 3s \(ConnectionError\); "
+                                        "start it again .* raise tracking.retry_seconds$"):
+        store.call(store.client.get_experiment_by_name, "x")
+    assert 3 <= time.monotonic() - t0 < 6
+    assert capsys.readouterr().err.splitlines() == [
+        f"MLflow server {url} unreachable (ConnectionError), retrying in 1s (1/2)",
+        f"MLflow server {url} unreachable (ConnectionError), retrying in 2s (2/2)"]
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="unreachable for 3s"):  # the same outage: its budget is spent
+        store.call(store.client.get_experiment_by_name, "x")
+    assert time.monotonic() - t0 < 1
 
 
 def test_default_uri_is_an_absolute_sqlite_file_in_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -224,6 +224,10 @@ class TrackingConfig:
     register: bool = True  # register every ticket as a model version
     artifact_location: str | None = None  # e.g. s3://bucket/mlflow for new experiments
     system_metrics: bool = True  # log each job's CPU, memory (and GPU) use as MLflow system metrics, every 10 s
+    retry_seconds: float = 300.0  # how long a job waits for a tracking server that stopped answering (restart)
+
+    def __post_init__(self) -> None:
+        check(self.retry_seconds >= 0, "retry_seconds", "must be >= 0 (0: fail at the first unanswered write)")
 
 
 def _gpu_share(value: float) -> bool:

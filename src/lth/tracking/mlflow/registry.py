@@ -91,9 +91,14 @@ class TicketRegistry:
                 # once per model and process: models registered before descriptions explained tickets get one
                 self.store.call(client.update_registered_model, name, description=description)
             self._models.add(name)
-        version = self.store.call(client.create_model_version, name,
-                                  source=f"{artifact_uri.rstrip('/')}/{TICKET_ARTIFACTS}",
-                                  run_id=run_id, tags=version_tags(meta), description=version_description(meta))
+
+        def made() -> ModelVersion | None:  # a try whose answer was lost: the version it made (one per run)
+            versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'", max_results=1)
+            return versions[0] if versions else None
+
+        version = self.store.create(client.create_model_version, made, name,
+                                    source=f"{artifact_uri.rstrip('/')}/{TICKET_ARTIFACTS}",
+                                    run_id=run_id, tags=version_tags(meta), description=version_description(meta))
         # MlflowClient.set_registered_model_alias first loads the whole registered model (every version) to
         # check it is not a prompt, which ticket-* models never are: the registry client skips that read, the
         # costliest part of registering a ticket. The public call stays the fallback.

@@ -7,6 +7,8 @@ import logging
 import os
 import random
 import re
+import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import requests  # a dependency of mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from tqdm import tqdm
 
 from lth.config import TrackingConfig
 from lth.errors import UserError
@@ -23,6 +26,11 @@ T = TypeVar("T")
 # Which of MLflow's UIs an experiment opens in: the runs table ("Model training"), not the GenAI traces overview.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 log = logging.getLogger(__name__)
+# MLflow's client retries failed HTTP requests itself (7 times, ~4 min), POSTs included: a create_run whose answer was
+# lost is sent again and makes a second run. lth turns that off and retries itself (Store.call), finding what a lost
+# create made (Store.create). A value the user set is kept.
+MLFLOW_RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+MAX_WAIT = 15.0  # seconds between tries while a server is unreachable, after 1, 2, 4, 8
 # MLflow announces creating and upgrading its sqlite tables at INFO on stderr; lth's stderr is for its own messages.
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
@@ -66,6 +74,72 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise UserError(_unreachable(uri, exc)) from None
 
 
+def outage_waits(budget: float) -> list[float]:
+    """Waits between tries while a server is unreachable: 1, 2, 4, 8, then 15 s, summing to `budget` seconds."""
+    waits: list[float] = []
+    while (left := budget - sum(waits)) > 0:
+        waits.append(min(2.0 ** len(waits), MAX_WAIT, left))
+    return waits
+
+
+def outage_kind(exc: BaseException) -> str | None:
+    """What failed when `exc` means the server is down or restarting (no answer, or a proxy's 502-504), else None."""
+    seen: BaseException | None = exc
+    while seen is not None:  # MLflow raises its own exception while handling the requests one
+        if isinstance(seen, requests.exceptions.SSLError):  # a certificate problem: no restart fixes it
+            return None
+        if isinstance(seen, (requests.ConnectionError, requests.Timeout)):
+            return type(seen).__name__
+        if isinstance(seen, requests.exceptions.RetryError) and (code := re.search(r"too many (50[234]) ", str(seen))):
+            return f"HTTP {code.group(1)}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class Outage:
+    """One stretch of time a tracking server does not answer, shared by a store's threads.
+
+    Every try that fails during it waits for the next point of one schedule (`outage_waits` from its start), so
+    threads retry together, each retry is announced once on stderr, and the whole outage lasts at most `budget`
+    seconds: after that every call fails at once. A call that gets through ends it.
+    """
+
+    def __init__(self, uri: str, budget: float) -> None:
+        self.uri = uri
+        self.budget = budget
+        self.waits = outage_waits(budget)
+        self._lock = threading.Lock()
+        self._since: float | None = None  # time.monotonic() of the first failure; None: the server answers
+        self._shown = 0  # retries announced so far
+
+    def wait(self, kind: str) -> None:
+        """Sleep until the next retry of this outage (announcing it); UserError once the budget is spent."""
+        with self._lock:
+            now = time.monotonic()
+            if self._since is None:
+                self._since, self._shown = now, 0
+            elapsed, at = now - self._since, 0.0
+            for k, step in enumerate(self.waits, 1):
+                at += step
+                if at > elapsed:
+                    break
+            else:
+                raise UserError(f"MLflow tracking server {redact(self.uri)} unreachable for {self.budget:g}s ({kind}); "
+                                "start it again (mlflow server) or raise tracking.retry_seconds") from None
+            pause = at - elapsed
+            if k > self._shown:
+                self._shown = k
+                tqdm.write(f"MLflow server {redact(self.uri)} unreachable ({kind}), retrying in {pause:.0f}s "
+                           f"({k}/{len(self.waits)})", file=sys.stderr)
+        time.sleep(pause)
+
+    def over(self) -> None:
+        """A call got through."""
+        if self._since is not None:
+            with self._lock:
+                self._since = None
+
+
 def _unreachable(uri: str, exc: BaseException) -> str:
     return (f"MLflow tracking server {redact(uri)} unreachable: {type(exc).__name__}; start it (mlflow server) "
             "or unset MLFLOW_TRACKING_URI / tracking.uri")
@@ -92,6 +166,9 @@ class Store:
         self.uri = tracking_uri(cfg)
         self.attempts = attempts
         check_reachable(self.uri)  # before any training, not after the first round
+        self.outage = Outage(self.uri, cfg.retry_seconds)
+        if _is_http(self.uri):
+            os.environ.setdefault(MLFLOW_RETRIES_ENV, "0")
         self._checked_s3: set[str] = set()
         self._writer: ThreadPoolExecutor | None = None  # one thread: queued writes run in submission order
         self._pending: list[Future[Any]] = []
@@ -108,27 +185,46 @@ class Store:
             self.call(self.client.search_registered_models, max_results=1)  # the registry's store, created lazily
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """fn(*args, **kwargs), retried with backoff while sqlite says "database is locked"."""
-        for attempt in range(self.attempts):
+        """fn(*args, **kwargs), retried while sqlite is locked or the tracking server does not answer.
+
+        sqlite: backoff while another process holds the lock (`attempts` tries). A server: while it is down or
+        restarting, wait and try again for at most tracking.retry_seconds per outage, each wait shown on stderr;
+        after that a UserError naming the server.
+        """
+        return self._retrying(lambda: fn(*args, **kwargs))
+
+    def create(self, fn: Callable[..., T], find: Callable[[], T | None], *args: Any, **kwargs: Any) -> T:
+        """`call(fn, ...)` for a write that creates something (a run, a model version), so that it is made once.
+
+        When a try fails without an answer, the server may have made the thing all the same: before trying again,
+        find() looks for it (no retries of its own) and, if it returns one, that is the result.
+        """
+        return self._retrying(lambda: fn(*args, **kwargs), find)
+
+    def _retrying(self, attempt: Callable[[], T], find: Callable[[], T | None] | None = None) -> T:
+        locked = 0  # "database is locked" answers so far
+        unsure = False  # a try failed without an answer: it may have been carried out
+        while True:
             try:
-                return fn(*args, **kwargs)
-            except MlflowException as exc:
-                text = str(exc)
-                if "database is locked" in text and attempt < self.attempts - 1:
-                    # Several processes share one sqlite file; the writer holds the lock briefly.
-                    time.sleep(min(0.05 * 2 ** attempt, 2.0) * (1 + random.random()))
-                    continue
-                if _is_http(self.uri) and ("Max retries exceeded" in text or "Connection refused" in text):
-                    raise UserError(_unreachable(self.uri, exc)) from None
-                raise
+                if unsure and find is not None and (found := find()) is not None:
+                    result = found
+                else:
+                    result = attempt()
+                self.outage.over()
+                return result
             except Exception as exc:
-                message = _s3_problem(exc, "MLflow artifacts")
-                if message is not None:
+                if isinstance(exc, MlflowException) and "database is locked" in str(exc) and locked < self.attempts - 1:
+                    # Several processes share one sqlite file; the writer holds the lock briefly.
+                    time.sleep(min(0.05 * 2 ** locked, 2.0) * (1 + random.random()))
+                    locked += 1
+                    continue
+                if (kind := outage_kind(exc)) is not None:
+                    self.outage.wait(kind)
+                    unsure = True
+                    continue
+                if not isinstance(exc, MlflowException) and (message := _s3_problem(exc, "MLflow artifacts")):
                     raise UserError(message) from None
-                if isinstance(exc, requests.ConnectionError):
-                    raise UserError(_unreachable(self.uri, exc)) from None
                 raise
-        raise AssertionError("unreachable")
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Run fn(*args, **kwargs) on the store's writer thread, after everything submitted before it.

@@ -13,6 +13,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -90,6 +91,20 @@ class MlflowTracker:
     def _search(self, exp_id: str, where: str) -> list[Any]:
         return self.store.call(self.store.client.search_runs, [exp_id], filter_string=where,
                                order_by=["attributes.start_time DESC"], max_results=SEARCH_PAGE)
+
+    def _create_run(self, exp_id: str, run_name: str, tags: Mapping[str, Any]) -> Any:
+        """A new run's info; made once even when the server's answer is lost and the create is sent again."""
+        start = int(time.time() * 1000)  # sent with the create: the run a lost try made has this very start time
+        where = f"attributes.run_name = {_quote(run_name)} and attributes.start_time = {start}"
+        if PARENT_TAG in tags:
+            where += f" and tags.`{PARENT_TAG}` = {_quote(tags[PARENT_TAG])}"
+
+        def made() -> Any:
+            runs = self.store.client.search_runs([exp_id], filter_string=where, max_results=1)
+            return runs[0] if runs else None
+
+        return self.store.create(self.store.client.create_run, made, exp_id, run_name=run_name, start_time=start,
+                                 tags={k: str(v)[:MAX_TAG_LEN] for k, v in tags.items()}).info
 
     def _mark_stale(self, run_id: str) -> None:
         self.store.call(self.store.client.set_tag, run_id, "lth.stale", "true")
@@ -175,8 +190,7 @@ class MlflowTracker:
             # the only sweep of a serial run (child() relies on it).
             self._end_stale(exp_id, run_id)
         else:
-            info = self.store.call(self.store.client.create_run, exp_id, run_name=run_name,
-                                   tags={k: str(v)[:MAX_TAG_LEN] for k, v in all_tags.items()}).info
+            info = self._create_run(exp_id, run_name, all_tags)
         run = MlflowRun(self.store, info, tags=tags, fresh=not found, **self._run_options)
         outermost = self._jobs == 0  # tune and transfer run IMP jobs inside their own
         self._jobs += 1
@@ -233,9 +247,7 @@ class MlflowTracker:
         # (no children yet) or reused, and then job() has already marked its still-RUNNING children FAILED.
         # That saves a store round trip per nested run (benchmarks/tracking_overhead).
         all_tags = parent.tags | dict(tags) | self._provenance() | {"mlflow.runName": run_name}
-        info = self.store.call(self.store.client.create_run, parent.experiment_id, run_name=run_name,
-                               tags={k: str(v)[:MAX_TAG_LEN] for k, v in all_tags.items()}
-                               | {PARENT_TAG: parent.run_id}).info
+        info = self._create_run(parent.experiment_id, run_name, all_tags | {PARENT_TAG: parent.run_id})
         run = MlflowRun(self.store, info, tags=parent.tags, fresh=True, **self._run_options)
         run.log_params(params)
         with self._lifetime(run, wait=False):
