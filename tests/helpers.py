@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -175,22 +178,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(cmd: list[str], log: Path, env: dict[str, str], health: str, timeout: float = 45.0) -> subprocess.Popen:
-    """Start a server in its own process group and wait until `health` answers 200."""
+def start_server(cmd: list[str], log: Path, env: dict[str, str], health: str | Callable[[], bool],
+                 timeout: float = 45.0) -> subprocess.Popen:
+    """Start a server in its own process group and wait until `health` (a URL) answers 200, or (a check) is true."""
+    ready = health if callable(health) else lambda: _answers(health)
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{cmd[0]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(health, timeout=1).status_code == 200:
-                return proc
-        except requests.RequestException:
-            pass
+        if ready():
+            return proc
         time.sleep(0.3)
     stop_server(proc)
     raise RuntimeError(f"{cmd[0]} not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -202,6 +211,42 @@ def stop_server(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def postgres_bin() -> Path | None:
+    """The directory of initdb, postgres and createdb: Debian's newest /usr/lib/postgresql/<v>/bin, else PATH's."""
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: [int(n) for n in re.findall(r"\d+", p.parts[-3])])
+    found = debian[-1] if debian else shutil.which("initdb")
+    return Path(found).parent if found else None
+
+
+@contextlib.contextmanager
+def postgres_cluster(bin_dir: Path, database: str) -> Iterator[str]:
+    """A throw-away PostgreSQL cluster on 127.0.0.1 (free port, temp dir) with `database`; yields its SQLAlchemy URL.
+
+    postgres refuses to run as root: run as root (CI), the cluster belongs to the `postgres` user that Debian's
+    package makes, in a directory of /tmp (pytest's own temp dirs are closed to other users).
+    """
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="lth-pg-"))
+    try:
+        if as_user:
+            shutil.chown(root, "postgres")
+        data, port = root / "data", str(free_port())
+        subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "lth", "--auth=trust", "-E", "UTF8",
+                        "--no-sync"], check=True, capture_output=True)
+        address = ["-h", "127.0.0.1", "-p", port]
+        proc = start_server([*as_user, str(bin_dir / "postgres"), "-D", str(data), *address, "-k", str(root),
+                             "-c", "fsync=off", "-c", "max_connections=200"], root / "postgres.log", dict(os.environ),
+                            lambda: subprocess.run([str(bin_dir / "pg_isready"), *address, "-U", "lth", "-d", "postgres"],
+                                                   capture_output=True).returncode == 0)
+        try:
+            subprocess.run([str(bin_dir / "createdb"), *address, "-U", "lth", database], check=True)
+            yield f"postgresql+psycopg2://lth@127.0.0.1:{port}/{database}"
+        finally:
+            stop_server(proc)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- hand-made transfer results (the report's input)
