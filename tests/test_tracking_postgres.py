@@ -38,6 +38,8 @@ WORKER = textwrap.dedent("""
     tracker = MlflowTracker(TrackingConfig(uri=uri, retry_seconds=240, system_metrics=False), flush_seconds=0.0)
     with tracker.job(experiment, f"job {worker}", params={"worker": worker}, tags={"kind": "test"}) as job:
         Path(f"started-{worker}").touch()
+        while not Path("go").exists():  # every worker writes at the same time
+            time.sleep(0.1)
         for child in range(children):
             with tracker.child(job, f"job {worker} child {child}", params={"child": child}, tags={}) as run:
                 for step in range(1, steps + 1):
@@ -85,11 +87,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
 
 def start_workers(url: str, experiment: str, cwd: Path, workers: int, children: int, steps: int,
                   pause: float) -> list[subprocess.Popen]:
+    """Start the workers and wait until each has opened its job's run; they write once `cwd/go` exists."""
     (cwd / "worker.py").write_text(WORKER)
     env = lth_env(PYTHONPATH=str(Path(__file__).parent))  # the workers import helpers
-    return [subprocess.Popen([sys.executable, "worker.py", url, experiment, str(w), str(children), str(steps),
-                              str(pause)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for w in range(workers)]
+    procs = [subprocess.Popen([sys.executable, "worker.py", url, experiment, str(w), str(children), str(steps),
+                               str(pause)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for w in range(workers)]
+    deadline = time.monotonic() + 300
+    while not all((cwd / f"started-{w}").exists() for w in range(workers)):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for proc in procs:
+                proc.kill()
+            raise AssertionError(f"workers did not start: {[proc.communicate()[1][-2000:] for proc in procs]}")
+        time.sleep(0.5)
+    return procs
 
 
 def finish(procs: list[subprocess.Popen]) -> list[str]:
@@ -127,8 +138,10 @@ def assert_nothing_lost(url: str, experiment: str, workers: int, children: int, 
 
 def test_sixteen_workers_log_and_register_through_a_server_on_postgresql(server: MlflowServer, tmp_path: Path) -> None:
     workers, children, steps = 16, 2, 20
+    procs = start_workers(server.url, "writers", tmp_path, workers, children, steps, pause=0.0)
     t0 = time.monotonic()
-    finish(start_workers(server.url, "writers", tmp_path, workers, children, steps, pause=0.0))
+    (tmp_path / "go").touch()
+    finish(procs)
     versions = assert_nothing_lost(server.url, "writers", workers, children, steps)
     print(f"{workers} workers: {workers * (children + 1)} runs, {workers * children * steps * len(METRICS)} metric "
           f"values, {versions} ticket versions in {time.monotonic() - t0:.0f} s")
@@ -137,11 +150,8 @@ def test_sixteen_workers_log_and_register_through_a_server_on_postgresql(server:
 def test_workers_wait_for_a_restarted_server_and_lose_nothing(server: MlflowServer, tmp_path: Path) -> None:
     workers, children, steps = 4, 2, 20
     procs = start_workers(server.url, "restart", tmp_path, workers, children, steps, pause=0.5)
-    deadline = time.monotonic() + 300
-    while not all((tmp_path / f"started-{w}").exists() for w in range(workers)):  # every job's run exists
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "workers did not start"
-        time.sleep(0.5)
-    time.sleep(2)  # in the middle of the nested runs' metrics
+    (tmp_path / "go").touch()
+    time.sleep(3)  # in the middle of the first nested runs' metrics
     server.kill()
     time.sleep(15)
     t0 = time.monotonic()
