@@ -215,7 +215,8 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def postgres_bin() -> Path | None:
     """The directory of initdb, postgres and createdb: Debian's newest /usr/lib/postgresql/<v>/bin, else PATH's."""
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: [int(n) for n in re.findall(r"\d+", p.parts[-3])])
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                    key=lambda p: [int(n) for n in re.findall(r"\d+", p.parts[-3])])
     found = debian[-1] if debian else shutil.which("initdb")
     return Path(found).parent if found else None
 
@@ -236,10 +237,10 @@ def postgres_cluster(bin_dir: Path, database: str) -> Iterator[str]:
         subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "lth", "--auth=trust", "-E", "UTF8",
                         "--no-sync"], check=True, capture_output=True)
         address = ["-h", "127.0.0.1", "-p", port]
+        ready = [str(bin_dir / "pg_isready"), *address, "-U", "lth", "-d", "postgres"]
         proc = start_server([*as_user, str(bin_dir / "postgres"), "-D", str(data), *address, "-k", str(root),
                              "-c", "fsync=off", "-c", "max_connections=200"], root / "postgres.log", dict(os.environ),
-                            lambda: subprocess.run([str(bin_dir / "pg_isready"), *address, "-U", "lth", "-d", "postgres"],
-                                                   capture_output=True).returncode == 0)
+                            lambda: subprocess.run(ready, capture_output=True).returncode == 0)
         try:
             subprocess.run([str(bin_dir / "createdb"), *address, "-U", "lth", database], check=True)
             yield f"postgresql+psycopg2://lth@127.0.0.1:{port}/{database}"

@@ -16,7 +16,8 @@ from typing import Iterator
 import pytest
 from mlflow import MlflowClient
 
-from helpers import BIN, free_port, lth_env, parents_and_children, postgres_bin, postgres_cluster, start_server, stop_server
+from helpers import (BIN, free_port, lth_env, parents_and_children, postgres_bin, postgres_cluster, start_server,
+                     stop_server)
 
 PG_BIN = postgres_bin()
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
@@ -34,7 +35,8 @@ WORKER = textwrap.dedent("""
     from lth.config import TrackingConfig
     from lth.tracking.mlflow import MlflowTracker
 
-    uri, experiment, worker, children, steps, pause = sys.argv[1:3] + [int(a) for a in sys.argv[3:6]] + [float(sys.argv[6])]
+    uri, experiment = sys.argv[1:3]
+    worker, children, steps, pause = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
     tracker = MlflowTracker(TrackingConfig(uri=uri, retry_seconds=240, system_metrics=False), flush_seconds=0.0)
     with tracker.job(experiment, f"job {worker}", params={"worker": worker}, tags={"kind": "test"}) as job:
         Path(f"started-{worker}").touch()
