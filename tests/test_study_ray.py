@@ -19,11 +19,10 @@ from typing import Iterator
 import pandas as pd
 import pytest
 
-from helpers import BIN, lth_env, run_lth, write_cli_study
+from helpers import BIN, SRC, lth_env, ray_env, run_lth, write_cli_study
 
 pytestmark = pytest.mark.e2e
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 STUDY = {"train": {"threads": 1}, "imp": {"rounds": 2},
          "transfer": {"arms": ["scratch", "transfer", "target", "size"], "size_fractions": [0.5]}}
 TIMING = ("seconds",)  # fields that measure time, not results
@@ -33,11 +32,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def ray_env(tmp: Path) -> dict[str, str]:
-    """Set explicitly on every `ray start` and driver: an unset mode makes a local ray.init write a token."""
-    return lth_env(RAY_AUTH_MODE="disabled", PYTHONPATH=str(SRC), RAY_USAGE_STATS_ENABLED="0", HOME=str(tmp))
 
 
 def _start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
