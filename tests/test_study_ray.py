@@ -273,3 +273,33 @@ def test_dvc_knows_the_outputs_of_a_ray_run(tmp_path: Path) -> None:
                             text=True, timeout=300)
     assert status.returncode == 0, status.stderr
     assert set(json.loads(status.stdout)) == {"tune"}  # every stage the study covers is up to date
+
+
+def test_workers_run_one_function_each_and_stop_at_the_first_error(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """RayWorkers (what `lth tune --workers N` runs on): N calls, results in order, a worker's UserError as it is."""
+    from lth.config import EngineConfig
+    from lth.errors import UserError
+    from lth.study.ray_engine import RayWorkers
+
+    for key, value in ray_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    pool = RayWorkers(EngineConfig(), None)
+    try:
+        shown: list[str] = []
+        assert pool.run(lambda i, base: (i, base + i), 2, (10,), "probe",
+                        progress=lambda: shown.append("x") or "line") == [(0, 10), (1, 11)]
+        assert shown  # the driver's progress line was asked for while it waited
+
+        def fails_on_1(i: int) -> int:
+            if i == 1:
+                raise UserError("worker 1 says no")
+            time.sleep(60)  # cancelled: the driver does not wait for it
+            return i
+
+        started = time.time()
+        with pytest.raises(UserError, match="^worker 1 says no$"):
+            pool.run(fails_on_1, 2, (), "probe")
+        assert time.time() - started < 30
+    finally:
+        pool.shutdown()

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from helpers import parents_and_children, ray_env, run_lth, write_cli_study
+from helpers import free_port, parents_and_children, ray_env, run_lth, write_cli_study
 from lth.study import tune as tune_mod
 from lth.study import tune_tickets
 from lth.cli import cli
@@ -214,6 +214,17 @@ def test_ray_workers_share_one_study_and_stop_at_n_trials(tmp_path: Path) -> Non
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     assert {r.info.status for r in children} == {"FINISHED"}
     assert {r.data.tags[WORKER_ATTR] for r in children} == {t.user_attrs[WORKER_ATTR] for t in study.trials}
+
+
+@pytest.mark.e2e
+def test_unreachable_ray_address_is_one_line_before_training(tmp_path: Path) -> None:
+    write_cli_study(tmp_path, **PARALLEL)
+    out = run_lth(["tune", "fashion-mnist", "digits", "--engine", "ray", "--workers", "2", "--address",
+                   f"127.0.0.1:{free_port()}", "--params", "tiny.yaml"], tmp_path, env=ray_env(tmp_path), timeout=60)
+    assert out.returncode == 2, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("lth: error: --address 127.0.0.1:") and "no Ray head answers" in line
+    assert not (tmp_path / "models").exists() and not (tmp_path / "results/tune/optuna.db").exists()
 
 
 def test_sqlite_storage_refused_on_a_cluster(tiny: Params) -> None:

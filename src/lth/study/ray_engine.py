@@ -302,7 +302,8 @@ class RayWorkers:
         shown, pending = "", list(refs)
         try:
             while pending:
-                _, pending = self.ray.wait(pending, num_returns=len(pending), timeout=1.0)
+                ready, pending = self.ray.wait(pending, num_returns=len(pending), timeout=1.0)
+                self.ray.get(ready)  # a worker's error now, not once the others are done
                 if progress is not None and (line := progress()) != shown:
                     show(line)
                     shown = line

@@ -118,8 +118,7 @@ def open_study(source: str, target: str, params: Params, pruner: optuna.pruners.
                worker: int | None = None) -> optuna.Study:
     """The study tune.study_name in its storage, created or loaded (resumed) when its settings match.
 
-    `worker`: the index of a parallel worker, which samples from a seed of its own and, with TPE's constant
-    liar, away from the trials other workers have under way.
+    `worker`: the index of a parallel worker, which samples from a seed of its own.
     """
     url = storage_url(params)
     try:
@@ -140,11 +139,9 @@ def open_study(source: str, target: str, params: Params, pruner: optuna.pruners.
                     "give tune.study_name (--study-name) a new name, or delete that study")
     # Seeded by how far the study got, so a resumed study does not replay its first trials' samples.
     done = len(study.trials)
-    with warnings.catch_warnings():  # constant_liar is "experimental" too
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.sampler = optuna.samplers.TPESampler(
-            seed=params.tune.seed + done + (worker or 0) * WORKER_SEED_STRIDE, constant_liar=worker is not None,
-            n_startup_trials=max(2, min(10, params.tune.n_trials // 2)))
+    # TPE's constant liar (on by default in Optuna 5) keeps parallel workers away from each other's trials
+    study.sampler = optuna.samplers.TPESampler(seed=params.tune.seed + done + (worker or 0) * WORKER_SEED_STRIDE,
+                                               n_startup_trials=max(2, min(10, params.tune.n_trials // 2)))
     return study
 
 
