@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import replace
+import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -187,6 +189,38 @@ def test_study_resumes_only_under_its_own_settings(tiny: Params) -> None:
 
 
 # ---------------------------------------------------------------- parallel workers (Ray)
+
+
+class _Instant:
+    """An objective that returns at once (run_trials' bookkeeping without training)."""
+
+    worker = "test"
+
+    def __init__(self) -> None:
+        self.ran: list[int] = []
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.ran.append(trial.number)
+        return 0.5
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask() stands in for a dead worker
+def test_a_dead_workers_trial_is_failed_and_run_again(tiny: Params, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial under way counts toward n_trials until its heartbeat lapses; then another worker runs one instead."""
+    monkeypatch.setattr(tune_mod, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(tune_mod, "GRACE_S", 1)
+    monkeypatch.setattr(tune_mod, "WAIT_S", 0.1)
+    study = tune_mod.open_study("fashion-mnist", "digits", tiny)
+    dead = study.ask()  # a worker of this run took trial 0, then died: its heartbeat stops
+    study._storage.record_heartbeat(dead._trial_id)
+    objective = _Instant()
+    worker = threading.Thread(target=tune_mod.run_trials, args=(study, objective, 1, 0), daemon=True)
+    worker.start()
+    time.sleep(0.5)
+    assert objective.ran == []  # trial 0 may still finish: waiting, not running a second trial
+    worker.join(30)
+    assert not worker.is_alive()
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"] and objective.ran == [1]
 
 # batch 2, 3 epochs: a trial of ~2 s outlasts the ~3 s by which one Ray worker may start after the other
 PARALLEL = {"train": {"threads": 1, "batch_size": 2},
