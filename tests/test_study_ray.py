@@ -230,6 +230,15 @@ def test_local_tracking_file_with_a_cluster(cluster: str, tmp_path: Path) -> Non
     assert not (tmp_path / "models").exists()
 
 
+def test_tune_refuses_a_sqlite_study_on_a_cluster(cluster: str, mlflow_server: str, tmp_path: Path) -> None:
+    """`lth tune --engine ray` on two nodes: tracking on a server is fine, the default sqlite study is not."""
+    write_cli_study(tmp_path, **STUDY, tracking={"uri": mlflow_server, "register": False})
+    out = run_lth(["tune", "fashion-mnist", "digits", "--engine", "ray", "--workers", "2", "--address", cluster,
+                   "--params", "tiny.yaml"], tmp_path, env=ray_env(tmp_path))
+    _one_line_exit_2(out, "tune.storage sqlite:///")
+    assert "PostgreSQL or MySQL URL" in out.stderr and not (tmp_path / "models").exists()
+
+
 def test_unreachable_address(tmp_path: Path) -> None:
     write_cli_study(tmp_path, **STUDY)
     out = run_lth(["study", "run", "--engine", "ray", "--address", f"127.0.0.1:{free_port()}",
