@@ -68,8 +68,8 @@ def _run_on_ray(source: str, target: str, params: Params, workers: int) -> TuneR
     try:
         tracker, uri, make_tracker = worker_tracking(params)
         pool.check(tracking_store(uri) | shared_storage(params))  # before any training
-        parallel = Parallel(lambda fn, args, shown: pool.run(fn, workers, args, f"lth tune {params.tune.study_name}",
-                                                              shown), make_tracker)
+        name = f"lth tune {params.tune.study_name}"
+        parallel = Parallel(lambda fn, args, progress: pool.run(fn, workers, args, name, progress), make_tracker)
         return run_tune(source, target, params, tracker, parallel=parallel)
     finally:
         pool.shutdown()
