@@ -31,6 +31,7 @@ from lth.tickets import TicketMeta, read_ticket_meta, save_ticket
 from lth.tracking import NullRun, NullTracker
 
 BIN = Path(sys.executable).parent
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 # ---------------------------------------------------------------- tiny studies
@@ -159,6 +160,12 @@ def lth_env(**extra: str) -> dict[str, str]:
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", TQDM_DISABLE="1", PYTHONHASHSEED="0",
                GIT_PYTHON_REFRESH="quiet", OMP_NUM_THREADS="1", **extra)
     return env
+
+
+def ray_env(tmp: Path) -> dict[str, str]:
+    """lth_env for Ray, set explicitly on every `ray start` and driver: an unset mode makes a local ray.init write a
+    token; HOME under `tmp`, so nothing of Ray's lands in the user's."""
+    return lth_env(RAY_AUTH_MODE="disabled", PYTHONPATH=str(SRC), RAY_USAGE_STATS_ENABLED="0", HOME=str(tmp))
 
 
 def run_lth(args: list[str], cwd: Path, env: dict[str, str] | None = None,

@@ -12,7 +12,8 @@ import pytest
 from helpers import tiny_raw
 from lth.config import ConfigError, params_from_dict
 from lth.errors import UserError
-from lth.study.engine import Scheduler, file_key, key_path, progress_line, scratch_params
+from lth.study.engine import Scheduler, progress_line
+from lth.study.files import file_key, key_path, scratch_params
 from lth.study.plan import build_plan, missing_inputs
 from lth.study.ray_engine import check_address, check_fits, is_local
 

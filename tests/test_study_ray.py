@@ -20,11 +20,10 @@ from typing import Iterator
 import pandas as pd
 import pytest
 
-from helpers import BIN, lth_env, run_lth, write_cli_study
+from helpers import BIN, SRC, lth_env, ray_env, run_lth, write_cli_study
 
 pytestmark = pytest.mark.e2e
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 STUDY = {"train": {"threads": 1}, "imp": {"rounds": 2},
          "transfer": {"arms": ["scratch", "transfer", "target", "size"], "size_fractions": [0.5]}}
 TIMING = ("seconds",)  # fields that measure time, not results
@@ -34,11 +33,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def ray_env(tmp: Path) -> dict[str, str]:
-    """Set explicitly on every `ray start` and driver: an unset mode makes a local ray.init write a token."""
-    return lth_env(RAY_AUTH_MODE="disabled", PYTHONPATH=str(SRC), RAY_USAGE_STATS_ENABLED="0", HOME=str(tmp))
 
 
 def _start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -345,6 +339,15 @@ def test_local_tracking_file_with_a_cluster(cluster: str, tmp_path: Path) -> Non
     assert not (tmp_path / "models").exists()
 
 
+def test_tune_refuses_a_sqlite_study_on_a_cluster(cluster: str, mlflow_server: str, tmp_path: Path) -> None:
+    """`lth tune --engine ray` on two nodes: tracking on a server is fine, the default sqlite study is not."""
+    write_cli_study(tmp_path, **STUDY, tracking={"uri": mlflow_server, "register": False})
+    out = run_lth(["tune", "fashion-mnist", "digits", "--engine", "ray", "--workers", "2", "--address", cluster,
+                   "--params", "tiny.yaml"], tmp_path, env=ray_env(tmp_path))
+    _one_line_exit_2(out, "tune.storage sqlite:///")
+    assert "PostgreSQL or MySQL URL" in out.stderr and not (tmp_path / "models").exists()
+
+
 def test_unreachable_address(tmp_path: Path) -> None:
     write_cli_study(tmp_path, **STUDY)
     out = run_lth(["study", "run", "--engine", "ray", "--address", f"127.0.0.1:{free_port()}",
@@ -414,3 +417,33 @@ def test_dvc_knows_the_outputs_of_a_ray_run(tmp_path: Path) -> None:
                             text=True, timeout=300)
     assert status.returncode == 0, status.stderr
     assert set(json.loads(status.stdout)) == {"tune"}  # every stage the study covers is up to date
+
+
+def test_workers_run_one_function_each_and_stop_at_the_first_error(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """RayWorkers (what `lth tune --workers N` runs on): N calls, results in order, a worker's UserError as it is."""
+    from lth.config import EngineConfig
+    from lth.errors import UserError
+    from lth.study.ray_engine import RayWorkers
+
+    for key, value in ray_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    pool = RayWorkers(EngineConfig(), None)
+    try:
+        shown: list[str] = []
+        assert pool.run(lambda i, base: (i, base + i), 2, (10,), "probe",
+                        progress=lambda: shown.append("x") or "line") == [(0, 10), (1, 11)]
+        assert shown  # the driver's progress line was asked for while it waited
+
+        def fails_on_1(i: int) -> int:
+            if i == 1:
+                raise UserError("worker 1 says no")
+            time.sleep(60)  # cancelled: the driver does not wait for it
+            return i
+
+        started = time.time()
+        with pytest.raises(UserError, match="^worker 1 says no$"):
+            pool.run(fails_on_1, 2, (), "probe")
+        assert time.time() - started < 30
+    finally:
+        pool.shutdown()

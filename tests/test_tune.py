@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import replace
+import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,6 +16,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
+from helpers import free_port, parents_and_children, ray_env, run_lth, write_cli_study
 from lth.study import tune as tune_mod
 from lth.study import tune_tickets
 from lth.cli import cli
@@ -22,7 +25,8 @@ from lth.errors import UserError
 from lth.tickets import load_ticket, ticket_dir
 from lth.tracking import NullTracker
 from lth.tracking.mlflow import get_tracker
-from lth.study.tune import run_tune
+from lth.study.ray_engine import check_shared, tracking_store
+from lth.study.tune import WORKER_ATTR, run_tune, shared_storage
 
 TUNE = {"source": "fashion-mnist", "target": "digits", "round": 1, "rewind_epochs": (0, 1),
         "lr_range": (0.01, 0.1), "seed": 0, "study_name": "t", "max_epochs": 2}
@@ -182,3 +186,96 @@ def test_study_resumes_only_under_its_own_settings(tiny: Params) -> None:
     Path(tiny.paths.results, "tune", "optuna.db").unlink()
     with pytest.raises(UserError, match=r"ticket cache .*tune/t was started with other settings \(train.lr\)"):
         run_tune("fashion-mnist", "digits", changed)
+
+
+# ---------------------------------------------------------------- parallel workers (Ray)
+
+
+class _Instant:
+    """An objective that returns at once (run_trials' bookkeeping without training)."""
+
+    worker = "test"
+
+    def __init__(self) -> None:
+        self.ran: list[int] = []
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.ran.append(trial.number)
+        return 0.5
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # study.ask() stands in for a dead worker
+def test_a_dead_workers_trial_is_failed_and_run_again(tiny: Params, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial under way counts toward n_trials until its heartbeat lapses; then another worker runs one instead."""
+    monkeypatch.setattr(tune_mod, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(tune_mod, "GRACE_S", 1)
+    monkeypatch.setattr(tune_mod, "WAIT_S", 0.1)
+    study = tune_mod.open_study("fashion-mnist", "digits", tiny)
+    dead = study.ask()  # a worker of this run took trial 0, then died: its heartbeat stops
+    study._storage.record_heartbeat(dead._trial_id)
+    objective = _Instant()
+    worker = threading.Thread(target=tune_mod.run_trials, args=(study, objective, 1, 0), daemon=True)
+    worker.start()
+    time.sleep(0.5)
+    assert objective.ran == []  # trial 0 may still finish: waiting, not running a second trial
+    worker.join(30)
+    assert not worker.is_alive()
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"] and objective.ran == [1]
+
+# batch 2, 3 epochs: a trial of ~2 s outlasts the ~3 s by which one Ray worker may start after the other
+PARALLEL = {"train": {"threads": 1, "batch_size": 2},
+            "tune": {"round": 1, "rewind_epochs": [0, 1], "max_epochs": 3, "study_name": "par"}}
+
+
+@pytest.mark.e2e
+def test_ray_workers_share_one_study_and_stop_at_n_trials(tmp_path: Path) -> None:
+    write_cli_study(tmp_path, **PARALLEL)
+    out = run_lth(["tune", "fashion-mnist", "digits", "--engine", "ray", "--workers", "2", "--n-trials", "4",
+                   "--params", "tiny.yaml"], tmp_path, env=ray_env(tmp_path), timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = optuna.load_study(study_name="par", storage=f"sqlite:///{tmp_path / 'results/tune/optuna.db'}")
+    # exactly n_trials in total, not n_trials per worker, and both workers ran some of them
+    assert len(study.trials) == 4 and all(t.state in tune_mod.FINISHED for t in study.trials)
+    assert len({t.user_attrs[WORKER_ATTR] for t in study.trials}) == 2
+    best = yaml.safe_load((tmp_path / "results/tune/best.yaml").read_text())
+    assert best["imp"]["rewind_epoch"] in (0, 1) and 1e-3 <= best["transfer"]["lr"] <= 1e-1
+    assert "4/4 trials finished" in out.stderr and "best val_acc" in out.stderr
+    assert "trials per worker" in out.stdout
+    # every trial a nested run of the driver's one parent run, logged from its worker
+    parents, children = parents_and_children(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), "tune/digits")
+    assert [p.info.run_name for p in parents] == ["tune fashion-mnist->digits par"]
+    assert sorted(r.info.run_name for r in children) == [f"tune par t{i:03d}" for i in range(4)]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags[WORKER_ATTR] for r in children} == {t.user_attrs[WORKER_ATTR] for t in study.trials}
+
+
+@pytest.mark.e2e
+def test_unreachable_ray_address_is_one_line_before_training(tmp_path: Path) -> None:
+    write_cli_study(tmp_path, **PARALLEL)
+    out = run_lth(["tune", "fashion-mnist", "digits", "--engine", "ray", "--workers", "2", "--address",
+                   f"127.0.0.1:{free_port()}", "--params", "tiny.yaml"], tmp_path, env=ray_env(tmp_path), timeout=60)
+    assert out.returncode == 2, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("lth: error: --address 127.0.0.1:") and "no Ray head answers" in line
+    assert not (tmp_path / "models").exists() and not (tmp_path / "results/tune/optuna.db").exists()
+
+
+def test_sqlite_storage_refused_on_a_cluster(tiny: Params) -> None:
+    """Workers on several hosts cannot share a sqlite file: one line naming the storage and what to use."""
+    nodes = [{"Alive": True}, {"Alive": True}]
+    stores = tracking_store("http://mlflow:5000") | shared_storage(tiny)
+    with pytest.raises(UserError, match=r"tune.storage sqlite:///.*optuna.db .*PostgreSQL or MySQL URL") as err:
+        check_shared(nodes, stores)
+    assert "\n" not in str(err.value)
+    check_shared(nodes[:1], stores)  # one node: the file is fine
+    check_shared(nodes, shared_storage(replace(tiny, tune=replace(tiny.tune, storage="postgresql://u@db/optuna"))))
+
+
+def test_workers_need_ray(tiny: Params, tmp_path: Path) -> None:
+    raw = to_dict(tiny)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = CliRunner().invoke(cli, ["tune", "fashion-mnist", "digits", "--params", str(path), "--workers", "2"])
+    assert isinstance(out.exception, UserError) and "add --engine ray" in str(out.exception)  # main(): exit 2
+    assert not Path(tiny.paths.models, "tickets").exists()

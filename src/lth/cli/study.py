@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import click
 
-from lth.cli.options import PARAMS_OPTION
+from lth.cli.options import ADDRESS_OPTION, ENGINE_OPTION, PARAMS_OPTION, with_engine
 from lth.config import Params, load_params
 from lth.errors import UserError
 
@@ -19,6 +19,18 @@ def _tracker(params: Params) -> Tracker:
     from lth.tracking.mlflow import get_tracker  # MLflow loads only for a command that tracks
 
     return get_tracker(params)
+
+
+def worker_tracking(params: Params) -> tuple[Tracker, str, Callable[[], Tracker]]:
+    """The driver's tracker, its tracking URI, and a factory of trackers that log there from Ray workers."""
+    import functools
+    from dataclasses import replace
+
+    from lth.tracking.mlflow import MlflowTracker, tracking_uri
+
+    # workers log where this driver does: the URI resolved here, not from their own environment
+    cfg = replace(params.tracking, uri=tracking_uri(params.tracking))
+    return MlflowTracker(cfg), cfg.uri, functools.partial(MlflowTracker, cfg)
 
 
 @click.command("imp")
@@ -65,21 +77,16 @@ def study() -> None:
 
 
 @study.command("run")
-@click.option("--engine", "engine", type=click.Choice(["local", "ray"]), default=None,
-              help="Executor (default: engine.kind in params.yaml).")
-@click.option("--address", default=None, help="Ray cluster host:port (default: engine.address).")
+@ENGINE_OPTION
+@ADDRESS_OPTION
 @PARAMS_OPTION
 def study_run(engine: str | None, address: str | None, params_path: str) -> None:
     """Run every unit of the study not done yet, locally or as Ray tasks, then the report."""
-    from dataclasses import replace
-
     from lth.data.prepare import prepare_dataset
     from lth.report.build import build_report
     from lth.study.plan import build_plan, missing_inputs
 
-    params = load_params(Path(params_path))
-    params = replace(params, engine=replace(params.engine, kind=engine or params.engine.kind,
-                                            address=address or params.engine.address))
+    params = with_engine(load_params(Path(params_path)), engine, address)
     plan = build_plan(params)
     missing = missing_inputs(plan, params)
     if missing:
@@ -89,15 +96,10 @@ def study_run(engine: str | None, address: str | None, params_path: str) -> None
 
         run_local(params, _tracker(params), plan)
     else:
-        import functools
-
         from lth.study.ray_engine import RayDriver
-        from lth.tracking.mlflow import MlflowTracker, tracking_uri
 
-        # workers log where this driver does: the URI resolved here, not from their own environment
-        cfg = replace(params.tracking, uri=tracking_uri(params.tracking))
-        driver = RayDriver(params, lambda unit, p: prepare_dataset(unit.dataset, p), MlflowTracker(cfg),
-                           (cfg.uri, functools.partial(MlflowTracker, cfg)))
+        tracker, uri, make_tracker = worker_tracking(params)
+        driver = RayDriver(params, lambda unit, p: prepare_dataset(unit.dataset, p), tracker, (uri, make_tracker))
         driver.connect(params.engine.address)
         try:
             sched = driver.run(plan)

@@ -13,28 +13,24 @@ import heapq
 import json
 import math
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from lth.config import Params, PathsConfig
+from lth.config import Params
 from lth.data.prepare import prepare_dataset
 from lth.data.store import load_prepared, prepared_dir
 from lth.fsutil import atomic_dir, atomic_write_bytes, atomic_write_text
+from lth.study.files import Files, file_key, read_files, scratch_project
 from lth.study.imp import imp_round, job_run as imp_job_run, load_job_data, round_inputs, run_imp
 from lth.study.plan import TRAINING, Unit, build_plan, finetune_row_path, is_done, outputs
 from lth.study.transfer import job_run as transfer_job_run, run_finetune, run_transfer, write_results_csv
 from lth.tickets import ticket_dir
 from lth.tracking import NullRun, NullTracker, Tracker
-
-ROOTS = ("data", "models", "results")  # the project roots a unit reads from or writes to
-Files = dict[str, bytes]  # "<root>/<path under it>" -> content
 
 
 # ---------------------------------------------------------------- the local executor
@@ -54,28 +50,7 @@ def run_local(params: Params, tracker: Tracker, plan: list[Unit] | None = None) 
             run_transfer(unit.dataset, params, tracker)  # its fine-tunes and size rounds, then the CSV
 
 
-# ---------------------------------------------------------------- files as bytes
-
-
-def file_key(path: Path, params: Params) -> str:
-    """The root-relative name of a project file, e.g. models/tickets/x/seed0/round00/mask.safetensors."""
-    for root in ROOTS:
-        base = Path(getattr(params.paths, root))
-        if path.is_relative_to(base):
-            return f"{root}/{path.relative_to(base).as_posix()}"
-    raise ValueError(f"{path} is under none of the project roots {ROOTS}")
-
-
-def key_path(key: str, params: Params) -> Path:
-    """The path of a root-relative name in the project `params` describes."""
-    root, _, rest = key.partition("/")
-    return Path(getattr(params.paths, root)) / rest
-
-
-def read_files(path: Path, params: Params) -> Files:
-    """A file, or every file under a directory, as root-relative name -> bytes."""
-    paths = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return {file_key(p, params): p.read_bytes() for p in paths}
+# ---------------------------------------------------------------- inputs and outputs of a unit
 
 
 def unit_inputs(unit: Unit, params: Params) -> list[Path]:
@@ -104,11 +79,6 @@ def write_outputs(unit: Unit, files: Files, params: Params) -> None:
                 dest.write_bytes(content)
 
 
-def scratch_params(params: Params, root: Path) -> Params:
-    """The same study with every path under `root` (a worker's own scratch project)."""
-    return replace(params, paths=PathsConfig(**{name: str(root / name) for name in (*ROOTS, "reports")}))
-
-
 @dataclass(frozen=True)
 class UnitResult:
     """What a worker returns: the unit's output files and where and when it ran."""
@@ -128,14 +98,8 @@ def run_unit(unit: Unit, params: Params, inputs: Files, tracker: Tracker | None 
     `parent`: the id and tags of the job's run the driver opened; the unit's run is nested under it.
     """
     start = time.time()
-    root = Path(tempfile.mkdtemp(prefix="lth-unit-"))
     tracker = tracker or NullTracker()
-    try:
-        scratch = scratch_params(params, root)
-        for key, content in inputs.items():
-            dest = key_path(key, scratch)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(content)
+    with scratch_project(params, inputs) as scratch:
         with tracker.attach(*parent) if parent else contextlib.nullcontext(NullRun()) as run:
             if unit.kind in ("imp", "size"):
                 job = unit.job(scratch)
@@ -150,8 +114,6 @@ def run_unit(unit: Unit, params: Params, inputs: Files, tracker: Tracker | None 
             files |= read_files(out, scratch)
         host = socket.gethostname()
         return UnitResult(files, host, gpu, start, time.time(), worker=f"{host}:{os.getpid()}")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def parent_run(unit: Unit, params: Params) -> tuple[str, str, dict, dict[str, str]]:

@@ -18,20 +18,22 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from lth.config import EngineConfig, Params
 from lth.errors import UserError
 from lth.study.engine import (
-    Files, Scheduler, UnitResult, dataset_files, finish_results, parent_run, progress_line, read_files, run_unit,
-    show, unit_inputs, write_outputs, write_record,
+    Scheduler, UnitResult, dataset_files, finish_results, parent_run, progress_line, run_unit, show, unit_inputs,
+    write_outputs, write_record,
 )
+from lth.study.files import Files, read_files
 from lth.study.plan import TRAINING, Unit, build_plan, is_done
 from lth.tracking import NullTracker, Tracker
 from lth.training import cap_gpu_memory
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 INSTALL = "pip install 'ray==2.60.0' (the version requirements.lock pins)"
+T = TypeVar("T")
 
 
 def _import_ray() -> Any:
@@ -53,6 +55,26 @@ def is_local(address: str | None) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def connect(address: str | None) -> Any:
+    """Join the cluster at `address` (or $RAY_ADDRESS, as inside a KubeRay RayJob), else start a local Ray; returns ray."""
+    ray = _import_ray()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    check_address(address)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled" if is_local(address) else "token")
+    with _native_stderr() as said:  # Ray's C++ core logs each refused try there (every second for 20 s)
+        try:
+            ray.init(address=address, log_to_driver=False, include_dashboard=False if not address else None,
+                     logging_level="ERROR")
+        except ConnectionError as exc:  # the head answered (check_address) but did not let this driver in
+            if not address:
+                raise
+            why = "its token is not this driver's" if "InvalidAuthToken" in said() else str(exc)
+            raise UserError(f"--address {address}: the Ray cluster refused this driver ({why}); a cluster "
+                            "started with RAY_AUTH_MODE=token takes only its own token: set RAY_AUTH_MODE=token "
+                            "and RAY_AUTH_TOKEN_PATH to the token file its `ray start` used") from None
+    return ray
 
 
 def check_address(address: str | None) -> None:
@@ -150,6 +172,21 @@ def is_shared_store(uri: str) -> bool:
     return "://" in uri and not uri.startswith(("sqlite:", "file:"))
 
 
+def tracking_store(uri: str) -> dict[str, str]:
+    """check_shared's entry for the MLflow tracking URI that workers log to."""
+    return {uri: f"tracking URI {uri} is a file on this host, which the cluster's other nodes cannot write: start "
+                 "`mlflow server` (README: Run the study on a cluster) and set MLFLOW_TRACKING_URI=http://HOST:PORT "
+                 "or tracking.uri"}
+
+
+def check_shared(nodes: list[dict], stores: Mapping[str, str]) -> None:
+    """On a cluster of more than one alive node, no store that workers write (URI -> what to do) may be a local file."""
+    if sum(bool(n.get("Alive")) for n in nodes) > 1:
+        for uri, fix in stores.items():
+            if not is_shared_store(uri):
+                raise UserError(fix)
+
+
 class RayDriver:
     """Runs the plan's training units as Ray tasks; the rest (prepare, results) here, in plan order."""
 
@@ -173,21 +210,8 @@ class RayDriver:
                         True: self.ray.remote(max_retries=0)(_task)}
 
     def connect(self, address: str | None) -> None:
-        """Join the cluster at `address` (or $RAY_ADDRESS, as inside a KubeRay RayJob), else start a local Ray."""
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        check_address(address)
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled" if is_local(address) else "token")
-        with _native_stderr() as said:  # Ray's C++ core logs each refused try there (every second for 20 s)
-            try:
-                self.ray.init(address=address, log_to_driver=False,
-                              include_dashboard=False if not address else None, logging_level="ERROR")
-            except ConnectionError as exc:  # the head answered (check_address) but did not let this driver in
-                if not address:
-                    raise
-                why = "its token is not this driver's" if "InvalidAuthToken" in said() else str(exc)
-                raise UserError(f"--address {address}: the Ray cluster refused this driver ({why}); a cluster "
-                                "started with RAY_AUTH_MODE=token takes only its own token: set RAY_AUTH_MODE=token "
-                                "and RAY_AUTH_TOKEN_PATH to the token file its `ray start` used") from None
+        """Join the cluster at `address` (see connect())."""
+        connect(address)
 
     def _submit(self, unit: Unit) -> Any:
         if unit.dataset not in self._data:
@@ -235,10 +259,8 @@ class RayDriver:
         plan = [u for u in plan if u.kind != "report"]  # the CLI builds the report (study does not import report)
         nodes = self.ray.nodes()
         check_fits(nodes, self.engine, {u.kind for u in plan if u.kind in TRAINING})
-        if self.tracking and sum(bool(n.get("Alive")) for n in nodes) > 1 and not is_shared_store(self.tracking[0]):
-            raise UserError(f"tracking URI {self.tracking[0]} is a file on this host, which the cluster's other "
-                            "nodes cannot write: start `mlflow server` (README: Run the study on a cluster) and "
-                            "set MLFLOW_TRACKING_URI=http://HOST:PORT or tracking.uri")
+        if self.tracking:
+            check_shared(nodes, tracking_store(self.tracking[0]))
         with self._jobs:
             return self._run(plan)
 
@@ -281,6 +303,57 @@ class RayDriver:
         write_record(sched, self.params)
         show(progress_line(sched, started), final=True)
         return sched
+
+    def shutdown(self) -> None:
+        """Leave the cluster (a Ray this driver started stops with it)."""
+        self.ray.shutdown()
+
+
+def _call(fn: Callable[..., T], index: int, args: tuple[Any, ...]) -> T:
+    return fn(index, *args)
+
+
+class RayWorkers:
+    """N copies of one function as Ray tasks, for work that shares out its own pieces (an Optuna study's trials)."""
+
+    def __init__(self, engine: EngineConfig, address: str | None) -> None:
+        self.engine = engine
+        self.ray = connect(address)
+
+    def check(self, stores: Mapping[str, str]) -> None:
+        """Before any work: a worker no node can hold; a store workers write (URI -> what to do) that is a local file."""
+        nodes = self.ray.nodes()
+        check_fits(nodes, self.engine, {"finetune"})
+        check_shared(nodes, stores)
+
+    def run(self, fn: Callable[..., T], n: int, args: tuple[Any, ...], name: str,
+            progress: Callable[[], str] | None = None) -> list[T]:
+        """fn(i, *args) for i in 0..n-1, each a Ray task with a fine-tune's resources; their results in order.
+
+        A task whose worker dies is run again (engine.max_retries); `progress()` is shown whenever it changes.
+        """
+        cpus, gpus = _demand("finetune", self.engine)
+        remote = self.ray.remote(max_retries=self.engine.max_retries)(_call)
+        shared = self.ray.put(args)  # one copy in the object store for every task
+        refs = [remote.options(num_cpus=cpus, num_gpus=gpus, name=f"{name} w{i}").remote(fn, i, shared)
+                for i in range(n)]
+        shown, pending = "", list(refs)
+        try:
+            while pending:
+                ready, pending = self.ray.wait(pending, num_returns=len(pending), timeout=1.0)
+                self.ray.get(ready)  # a worker's error now, not once the others are done
+                if progress is not None and (line := progress()) != shown:
+                    show(line)
+                    shown = line
+            if progress is not None:
+                show(progress(), final=True)
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayTaskError as exc:
+            for ref in refs:  # one failed: the others would only work on for nobody
+                self.ray.cancel(ref, force=True)
+            if isinstance(exc.cause, UserError):
+                raise exc.cause from None
+            raise
 
     def shutdown(self) -> None:
         """Leave the cluster (a Ray this driver started stops with it)."""

@@ -3,6 +3,12 @@
 models/tune/<study>/rewind<e>/ is a models root of its own (tickets/<source>/seed<s>/round<kk>), so
 everything that reads a study's tickets reads these unchanged. A study's cache is valid only for the
 settings it was computed under (settings.json beside it).
+
+Parallel workers (`lth tune --engine ray --workers N`) may run on hosts that cannot see this project, so
+they never compute tickets: before they start, the driver computes the ticket of every rewind epoch in
+tune.rewind_epochs (ticket_files; cached here as for a serial study) and sends them as bytes with the
+target's splits; each worker writes them into a scratch project of its own. So every trial of a rewind
+epoch fine-tunes the very same ticket, whichever host runs it, and no shared filesystem is needed.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from safetensors.torch import load_file
 from lth.config import Params, flatten
 from lth.errors import UserError
 from lth.fsutil import atomic_write_json
+from lth.study.files import Files, read_files
 from lth.study.imp import dense_checkpoint, dense_done, make_job, run_imp
 from lth.provenance import data_version
 from lth.tickets import TICKET_JSON, load_ticket, read_ticket_meta, save_ticket, ticket_dir
@@ -83,3 +90,13 @@ def ensure_ticket(source: str, rewind_epoch: int, params: Params, tracker: Track
     else:
         run_imp(job, params, tracker)  # logged apart under its purpose, never registered
     return root
+
+
+def ticket_files(source: str, params: Params, tracker: Tracker) -> Files:
+    """The ticket of every rewind epoch in tune.rewind_epochs (computed here if missing), as files for workers."""
+    lo, hi = params.tune.rewind_epochs
+    files: Files = {}
+    for epoch in range(lo, hi + 1):
+        root = ensure_ticket(source, epoch, params, tracker)
+        files |= read_files(ticket_dir(root, source, params.tune.seed, params.tune.round), params)
+    return files
