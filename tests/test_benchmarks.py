@@ -53,3 +53,26 @@ def test_the_pipeline_benchmark_copies_the_source_not_a_previous_run(tmp_path: P
     pipeline._copy_tree(dest, root)
     copied = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and ".git" not in p.parts}
     assert copied == {"params.yaml", "dvc.yaml", "src/lth/x.py", "data/raw/digits.dvc"}
+
+
+def test_scale_simulation_schedules_the_chains_first_and_renders(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulated driver meets the bound on the paper's plan at 16 GPUs; both parts land in RESULTS.md."""
+    from benchmarks import scale
+
+    units, seconds = scale.paper_units()
+    assert len(units) > 10_000 and {u.kind for u in units} == {"imp", "size", "finetune"}
+    for gpus in (16, 64):
+        low = scale.bound(units, seconds, gpus)
+        made = scale.simulate(units, seconds, gpus)
+        assert low <= made <= scale.TARGETS[gpus] * low  # the chains first: near the critical path at 64
+    toy = units[:2] + [u for u in units if u.kind == "finetune"][:6]  # an IMP chain of 2 and free fine-tunes
+    assert scale.simulate(toy, dict.fromkeys(seconds, 1.0), 1, overhead=0.5) == pytest.approx(8 * 1.5)
+    monkeypatch.setattr(scale, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    fake_ray = lambda u, s, gpus: (1.02 * scale.simulate(u, s, gpus, 0.001), 0.001)  # noqa: E731
+    out = scale.run(argparse.Namespace(quick=True), ray_runner=fake_ray,
+                    demo_runner=lambda engine, quick: {"local": 300.0, "ray": 200.0}[engine])
+    assert out["demo"]["serial_over_ray"] == pytest.approx(1.5) and out["met"]["ray_vs_sim_16"]
+    text = summary.render(tmp_path)
+    assert "serial / Ray = **1.50x**" in text and "at 16 GPUs" in text and "16 GPUs <= 1.1x: met" in text
