@@ -104,7 +104,7 @@ class _Timer:
 
     def _add(self, name: str, args: tuple, spent: float, cpu: float) -> None:
         key = name
-        if name in ("call", "call_later", "submit") and len(args) > 1:  # (store, fn, ...): name the MLflow method
+        if name in ("call", "call_later", "submit", "create") and len(args) > 1:  # (store, fn, ...): the MLflow method
             fn = args[2] if getattr(args[1], "__name__", "") == "call" and len(args) > 2 else args[1]
             key = getattr(fn, "__name__", name)
         with self._lock:
@@ -185,7 +185,8 @@ def run(args) -> dict:
                     wall[kind] = _job_seconds(p, tracking.NullTracker)
                     continue
                 timer = _Timer()
-                for owner, name in ((tracking_mlflow.Store, "call"), (tracking_mlflow.Store, "submit"),
+                for owner, name in ((tracking_mlflow.Store, "call"), (tracking_mlflow.Store, "create"),
+                                    (tracking_mlflow.Store, "submit"),
                                     (tracking_mlflow.Store, "drain"), (tracking_mlflow.MlflowTracker, "__init__"),
                                     (tracking_trackers, "_provenance_tags"), *SYSTEM_METRICS):
                     timer.wrap(owner, name)
