@@ -232,7 +232,7 @@ def plot_timeline(units: pd.DataFrame) -> bytes:
     ax.set_xlabel(f"seconds since the first unit started (span {span:.0f} s; x: a unit that needed a retry)")
     ax.set_title(TIMELINE_TITLE, fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="unit", title_fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
