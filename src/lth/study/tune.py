@@ -94,7 +94,7 @@ def storage_url(params: Params) -> str:
         parsed = make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError):
         raise UserError(f"tune.storage: {url!r} is not a database URL (e.g. sqlite:///abs/optuna.db, "
-                        "postgresql://user@host/db)") from None
+                        "postgresql+psycopg2://user@host/db)") from None
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
         path = Path(parsed.database).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
