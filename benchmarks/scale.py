@@ -232,4 +232,4 @@ def run(args: Any, ray_runner: Callable[..., tuple[float, float]] = ray_run,
                                "ray_runs": {str(g): m for g, m in measured.items()},
                                "demo": {"local_s": demo["local"], "ray_s": demo["ray"],
                                         "serial_over_ray": demo["local"] / demo["ray"],
-                                        "params": "shrunken (--quick)" if quick else "params.yaml (the demo)"}})
+                                        "params": "shrunken (--quick)" if quick else "params.yaml"}})
