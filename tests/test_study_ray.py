@@ -204,6 +204,18 @@ def finished_runs(url: str) -> dict[str, list[str]]:
     return found
 
 
+def running_runs(url: str, prefix: str) -> list[str]:
+    """Names of the nested runs on the server that are RUNNING and start with `prefix`."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=url)
+    names = []
+    for exp in client.search_experiments():
+        names += [r.info.run_name for r in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+                  if "mlflow.parentRunId" in r.data.tags and r.info.run_name.startswith(prefix)]
+    return names
+
+
 @pytest.fixture(scope="module")
 def serial(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("serial")
@@ -223,8 +235,12 @@ def test_ray_matches_serial_and_survives_a_killed_worker(cluster: str, serial: P
     killed = ""
     end = time.time() + 240
     while not killed and driver.poll() is None and time.time() < end:
+        # mid-unit: once the fine-tune's own MLflow run exists (so the test sees what becomes of a dead try's run)
+        started = running_runs(mlflow_server, "transfer digits transfer ")
         for pid, args in ps():  # Ray names a busy worker process after its task: "ray::lth finetune/..."
-            if "lth finetune/digits/transfer" in args:
+            if "lth finetune/digits/transfer" in args and any(
+                    args.split()[1].endswith("-" + name.rsplit(" ", 2)[-2] + "-" + name.rsplit(" ", 1)[-1])
+                    for name in started):
                 os.kill(pid, signal.SIGKILL)
                 killed = args.split("lth ", 1)[1].split()[0]
                 break
