@@ -58,7 +58,7 @@ def is_local(address: str | None) -> bool:
 
 
 def connect(address: str | None) -> Any:
-    """Join the cluster at `address` (or $RAY_ADDRESS, as inside a KubeRay RayJob), else start a local Ray; returns ray."""
+    """Join the cluster at `address` (or $RAY_ADDRESS, as in a KubeRay RayJob), else start a local Ray; returns ray."""
     ray = _import_ray()
     address = address or os.environ.get("RAY_ADDRESS") or None
     check_address(address)
@@ -309,7 +309,8 @@ class RayDriver:
         self.ray.shutdown()
 
 
-def _call(fn: Callable[..., T], index: int, args: tuple[Any, ...]) -> T:
+def _call(fn: Callable[..., T], index: int, args: tuple[Any, ...], gpu_share: float) -> T:
+    cap_gpu_memory(gpu_share)  # a fractional GPU: this process keeps to its share, as a study unit does
     return fn(index, *args)
 
 
@@ -321,7 +322,7 @@ class RayWorkers:
         self.ray = connect(address)
 
     def check(self, stores: Mapping[str, str]) -> None:
-        """Before any work: a worker no node can hold; a store workers write (URI -> what to do) that is a local file."""
+        """Before any work: a worker no node can hold; a store workers write (URI -> fix) that is a local file."""
         nodes = self.ray.nodes()
         check_fits(nodes, self.engine, {"finetune"})
         check_shared(nodes, stores)
@@ -335,7 +336,7 @@ class RayWorkers:
         cpus, gpus = _demand("finetune", self.engine)
         remote = self.ray.remote(max_retries=self.engine.max_retries)(_call)
         shared = self.ray.put(args)  # one copy in the object store for every task
-        refs = [remote.options(num_cpus=cpus, num_gpus=gpus, name=f"{name} w{i}").remote(fn, i, shared)
+        refs = [remote.options(num_cpus=cpus, num_gpus=gpus, name=f"{name} w{i}").remote(fn, i, shared, gpus)
                 for i in range(n)]
         shown, pending = "", list(refs)
         try:
